@@ -1,0 +1,134 @@
+"""One error tree for the whole package, and its one mapping to HTTP.
+
+    Jv4Error                      500 server_error (never shown with internals)
+    ├── InvalidRequestError       400 invalid_request_error  (bad field or input; names it)
+    │   └── InputTooLongError     400 code=input_too_long
+    ├── AuthenticationError       401 authentication_error
+    ├── ModelNotFoundError        404 code=model_not_found
+    ├── PayloadTooLargeError      413 invalid_request_error
+    ├── OverloadedError           429 rate_limit_error (Retry-After)
+    ├── BackendError              502 backend_error (a vLLM replica answered badly)
+    ├── BackendUnavailableError   503 service_unavailable (Retry-After)
+    └── BackendTimeoutError       504 timeout
+
+The router renders any of these as ``{"error": {message, type, param, code}}``; the
+client turns such a body back into the same class with :func:`error_from_body`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "InputTooLongError",
+    "InvalidRequestError",
+    "Jv4Error",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "error_from_body",
+]
+
+
+class Jv4Error(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(Jv4Error):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InputTooLongError(InvalidRequestError):
+    default_code = "input_too_long"
+
+
+class AuthenticationError(Jv4Error):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFoundError(Jv4Error):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLargeError(Jv4Error):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class OverloadedError(Jv4Error):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "overloaded"
+
+
+class BackendError(Jv4Error):
+    status = 502
+    type = "backend_error"
+
+
+class BackendUnavailableError(Jv4Error):
+    status = 503
+    type = "service_unavailable"
+    default_code = "no_healthy_backend"
+
+
+class BackendTimeoutError(Jv4Error):
+    status = 504
+    type = "timeout"
+
+
+_BY_CODE: dict[str, type[Jv4Error]] = {
+    "input_too_long": InputTooLongError,
+    "model_not_found": ModelNotFoundError,
+}
+_BY_STATUS: dict[int, type[Jv4Error]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: ModelNotFoundError,
+    413: PayloadTooLargeError,
+    422: InvalidRequestError,
+    429: OverloadedError,
+    502: BackendError,
+    503: BackendUnavailableError,
+    504: BackendTimeoutError,
+}
+
+
+def error_from_body(status: int, body: Any, retry_after: float | None = None) -> Jv4Error:
+    """Rebuild the exception a server rendered (OpenAI error body), for the client side."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {"message": str(body)[:500] or f"HTTP {status}"}
+    code = error.get("code")
+    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status) or (
+        InvalidRequestError if 400 <= status < 500 else Jv4Error)
+    return cls(str(error.get("message", "")), param=error.get("param"), code=code, retry_after=retry_after)

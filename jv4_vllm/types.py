@@ -1,0 +1,63 @@
+"""Value objects passed between the HTTP layer, the client and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+__all__ = ["EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
+
+Role = Literal["query", "passage"]
+ROLES: tuple[Role, ...] = ("query", "passage")
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """An image already read and checked (see :mod:`jv4_vllm.images`): encoded file bytes."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+Item = TextInput | ImageInput
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOptions:
+    task: str = "retrieval"
+    role: Role = "query"
+    dimensions: int | None = None
+    multivector: bool = False
+    truncate: bool = False
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    """One float32 array per input, in input order: [d] single vectors or [n_tokens, P] multi-vectors."""
+
+    embeddings: list[np.ndarray]
+    prompt_tokens: int
+
+
+def parse_task(value: str, known_tasks: list[str] | tuple[str, ...]) -> tuple[str, Role]:
+    """'retrieval.passage' -> ('retrieval', 'passage'); a bare task means the query role."""
+    task, _, role = value.partition(".")
+    if task not in known_tasks:
+        allowed = [f"{t}.{r}" for t in known_tasks for r in ROLES if t != "text-matching"]
+        allowed += [t for t in known_tasks if t == "text-matching"]
+        raise InvalidRequestError(f"unknown task {value!r}; use one of {allowed}", param="task")
+    role = role or "query"
+    if role not in ROLES:
+        raise InvalidRequestError(f"unknown role {role!r} in task {value!r}; use query or passage", param="task")
+    return task, role  # type: ignore[return-value]
