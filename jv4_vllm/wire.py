@@ -1,0 +1,97 @@
+"""Bytes in and out: decode vLLM ``/pooling`` responses, encode our embeddings.
+
+Router <-> vLLM traffic is ``encoding_format: bytes`` (raw little-endian fp16/bf16 body
+plus a ``metadata`` JSON header); decoding is ``np.frombuffer`` views, no copies and no
+per-float Python. Outputs follow the OpenAI SDK (base64 = little-endian float32) and the
+Jina API (binary = packed sign bits as int8, ubinary as uint8).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "EmbeddingType",
+    "decode_pooling_bytes",
+    "decode_pooling_json",
+    "encode_multivector",
+    "encode_vector",
+    "pooling_wire_fields",
+]
+
+EmbeddingType = Literal["float", "base64", "binary", "ubinary"]
+WireDType = Literal["float16", "bfloat16", "float32"]
+
+_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def pooling_wire_fields(dtype: WireDType) -> dict[str, str]:
+    """Request fields that make vLLM answer with raw little-endian bytes."""
+    return {"encoding_format": "bytes", "embed_dtype": dtype, "endianness": "little"}
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32: widen by shifting the bits."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _decode_array(body: bytes | memoryview, item: dict[str, Any]) -> np.ndarray:
+    dtype_name = item["embed_dtype"]
+    start, end, shape = int(item["start"]), int(item["end"]), tuple(item["shape"])
+    big = item.get("endianness") == "big"
+    if dtype_name == "bfloat16":
+        raw = np.frombuffer(body, dtype=">u2" if big else "<u2", count=(end - start) // 2, offset=start)
+        return _bf16_to_f32(raw).reshape(shape)
+    if dtype_name not in _NUMPY_DTYPES:
+        raise ValueError(f"unsupported embed_dtype {dtype_name!r} in vLLM response")
+    dtype = _NUMPY_DTYPES[dtype_name].newbyteorder(">" if big else "<")
+    return np.frombuffer(body, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start).reshape(shape)
+
+
+def decode_pooling_bytes(body: bytes, metadata_header: str) -> tuple[list[np.ndarray], int]:
+    """Arrays in prompt order (fp16/fp32 views of ``body``, bf16 widened) and prompt tokens used."""
+    metadata = json.loads(metadata_header)
+    items = sorted(metadata["data"], key=lambda item: item["index"])
+    arrays = [_decode_array(body, item) for item in items]
+    return arrays, int(metadata.get("usage", {}).get("prompt_tokens", 0))
+
+
+def decode_pooling_json(payload: dict[str, Any]) -> tuple[list[np.ndarray], int]:
+    """The slow path: ``encoding_format`` float (nested lists) or base64 (float32)."""
+    arrays = []
+    for item in sorted(payload["data"], key=lambda item: item["index"]):
+        data = item["data"]
+        if isinstance(data, str):
+            arrays.append(np.frombuffer(base64.b64decode(data), dtype="<f4"))
+        else:
+            arrays.append(np.asarray(data, dtype=np.float32))
+    return arrays, int(payload.get("usage", {}).get("prompt_tokens", 0))
+
+
+def _packed_bits(vector: np.ndarray) -> np.ndarray:
+    return np.packbits(vector > 0, axis=-1)
+
+
+def encode_vector(vector: np.ndarray, embedding_type: EmbeddingType) -> list[float] | list[int] | str:
+    """One single vector in the requested output encoding."""
+    if embedding_type == "float":
+        return vector.astype(np.float32, copy=False).tolist()
+    if embedding_type == "base64":
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    if embedding_type == "ubinary":
+        return _packed_bits(vector).tolist()
+    if embedding_type == "binary":
+        return (_packed_bits(vector).astype(np.int16) - 128).tolist()
+    raise ValueError(f"unknown embedding type {embedding_type!r}")
+
+
+def encode_multivector(matrix: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
+    """Fields of one multi-vector item: ``embeddings`` (and ``shape`` for base64)."""
+    if embedding_type == "base64":
+        data = base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).decode("ascii")
+        return {"embeddings": data, "shape": list(matrix.shape)}
+    return {"embeddings": encode_vector(matrix, embedding_type)}
