@@ -86,6 +86,7 @@ class Config(_Strict):
     model_name: str = "jina-embeddings-v4"
     source: str = "jinaai/jina-embeddings-v4"
     prepared_dir: Path = Path("models/jina-embeddings-v4")
+    log_dir: Path = Field(Path("logs"), description="Where `up` writes each child's log")
     router: RouterConfig = Field(default_factory=RouterConfig)
     deployments: dict[str, DeploymentConfig]
     vllm: VllmConfig = Field(default_factory=VllmConfig)

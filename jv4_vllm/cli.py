@@ -1,0 +1,147 @@
+"""``jv4-vllm``: every subcommand, each flag with a JV4_<FLAG> environment twin."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["main"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"JV4_{name.upper().replace('-', '_')}", default)
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> None:
+    """A flag whose default comes from its environment twin (JV4_CONFIG for --config, ...)."""
+    name = flag.lstrip("-")
+    env_default = _env(name)
+    if env_default is not None:
+        kwargs["default"] = kwargs.get("type", str)(env_default)  # type: ignore[operator]
+        kwargs["required"] = False
+    kwargs["help"] = f"{kwargs.get('help', '')} [env JV4_{name.upper().replace('-', '_')}]".strip()
+    parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+    return load_config(args.config)
+
+
+def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
+    from .demo_checkpoint import build_demo_checkpoint
+    out = build_demo_checkpoint(Path(args.out), seed=args.seed, hidden_size=args.hidden_size)
+    print(f"demo checkpoint written to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+    written = prepare(args.source, Path(args.out), tasks=args.tasks or None)
+    for task, path in written.items():
+        print(f"{task}: {path}")
+    return 0
+
+
+def cmd_vllm_command(args: argparse.Namespace) -> int:
+    import shlex
+    from .launch_args import vllm_serve_command
+    print(shlex.join(vllm_serve_command(_config(args), args.task, model_root=args.model_root)))
+    return 0
+
+
+def cmd_serve_adapter(args: argparse.Namespace) -> int:
+    from .launch import serve_adapter
+    return serve_adapter(_config(args), args.task)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from .router import run
+    run(_config(args))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .launch import up
+    return up(_config(args), Path(args.config))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+    return verify(_config(args), router_url=args.url)
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from .k8s import write_manifests
+    for path in write_manifests(_config(args), Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+    return bench_main([a for a in args.bench_args if a != "--"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jv4-vllm", description="Serve jina-embeddings-v4 on vLLM.")
+    parser.add_argument("--log-level", default=_env("log-level", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
+                config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        if config:
+            _add(p, "--config", required=True, help="YAML config file")
+        return p
+
+    p = command("demo-checkpoint", cmd_demo_checkpoint, "Write a tiny random jina-embeddings-v4 checkpoint.", False)
+    _add(p, "--out", required=True, help="output directory")
+    _add(p, "--seed", type=int, default=0, help="random seed")
+    _add(p, "--hidden-size", type=int, default=128, help="text hidden size (2048 = wire-realistic)")
+
+    p = command("prepare", cmd_prepare, "Merge each task's LoRA into its own vLLM-ready checkpoint.", False)
+    _add(p, "--source", required=True, help="jina-embeddings-v4 directory or Hugging Face id")
+    _add(p, "--out", required=True, help="output directory (one subdirectory per task)")
+    p.add_argument("--tasks", nargs="*", help="tasks to prepare (default: all)")
+
+    p = command("serve-adapter", cmd_serve_adapter, "Run the vLLM server of one task (prints the command first).")
+    _add(p, "--task", required=True, help="retrieval, text-matching or code")
+
+    p = command("vllm-command", cmd_vllm_command, "Print the `vllm serve` command line of one task.")
+    _add(p, "--task", required=True, help="retrieval, text-matching or code")
+    _add(p, "--model-root", default=None, help="directory holding the prepared tasks (default: prepared_dir)")
+
+    command("router", cmd_router, "Run the OpenAI-compatible router.")
+    command("up", cmd_up, "Prepare what is missing, start all deployments and the router, supervise them.")
+
+    p = command("verify", cmd_verify, "Compare the running service with the reference encoder, per probe.")
+    _add(p, "--url", default=None, help="router URL (default: talk to the deployments directly)")
+
+    p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
+    _add(p, "--out", required=True, help="output directory")
+
+    p = command("bench", cmd_bench, "Benchmark the paths side by side (see `jv4-vllm bench -- --help`).", False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"jv4-vllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
