@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import Config, load_config
+from .config import Config, LimitsConfig, load_config
 from .engine import Engine
 from .errors import InvalidRequestError, error_from_body
-from .images import ImageSource, read_image
+from .images import ImageSource, load_image
 from .types import EmbedOptions, EmbedResult, ImageInput, Item, TextInput, parse_task
 
 __all__ = ["AsyncClient", "Client"]
@@ -108,14 +108,15 @@ class AsyncClient:
             raise ValueError("give the router URL, or use AsyncClient.direct(config)")
         self._sender = _sender or _RouterSender(url, api_key, model, timeout)  # type: ignore[arg-type]
         self._max_concurrency = max_concurrency
-        self._image_limits = None
+        # The caller's own files and URLs: paths and URLs are allowed, size and pixel caps still apply.
+        self._image_limits = LimitsConfig(allow_image_urls=True)
 
     @classmethod
     async def direct(cls, config: Config | str | Path, *, max_concurrency: int = 4) -> "AsyncClient":
         """Embed in-process through the deployments listed in ``config`` (no router)."""
         cfg = config if isinstance(config, Config) else load_config(config)
         client = cls(_sender=_EngineSender(await Engine.start(cfg)), max_concurrency=max_concurrency)
-        client._image_limits = cfg.limits
+        client._image_limits = cfg.limits.model_copy(update={"allow_image_urls": True})
         return client
 
     async def aclose(self) -> None:
@@ -148,7 +149,8 @@ class AsyncClient:
         single = not isinstance(images, (list, tuple))
         values = [images] if single else list(images)
         options = _options(task, "query", truncate_dim, return_multivector, False)
-        items = [await read_image(value, index, self._image_limits) for index, value in enumerate(values)]
+        items: list[Item] = [await load_image(value, self._image_limits, index, allow_paths=True)
+                             for index, value in enumerate(values)]
         result = await self._run(items, options, batch_size, show_progress)
         return result[0] if single else result
 

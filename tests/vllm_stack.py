@@ -1,0 +1,75 @@
+"""Real vLLM CPU deployments of the demo checkpoint for tests (started once per session)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from jv4_vllm.config import Config
+from jv4_vllm.launch import Child, start_deployment, stop_children
+
+TASKS = ("retrieval", "text-matching", "code")
+MAX_MODEL_LEN = 512
+STARTUP_TIMEOUT_S = 420.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_config(source: Path, prepared: Path, log_dir: Path, **backend: object) -> Config:
+    """A config whose deployments listen on fresh loopback ports."""
+    ports = {task: free_port() for task in TASKS}
+    return Config.model_validate({
+        "model_name": "jina-embeddings-v4",
+        "source": str(source),
+        "prepared_dir": str(prepared),
+        "log_dir": str(log_dir),
+        "router": {"host": "127.0.0.1", "port": free_port()},
+        "deployments": {t: {"urls": [f"http://127.0.0.1:{p}"], "port": p} for t, p in ports.items()},
+        "vllm": {
+            "dtype": "float32",
+            "max_model_len": MAX_MODEL_LEN,
+            "extra_args": ["--enforce-eager"],
+            "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        },
+        "backend": {"health_interval_s": 0.5, **backend},
+    })
+
+
+def wait_healthy(urls: list[str], children: list[Child], timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Block until every URL answers /health, failing fast if a server process dies."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    while pending:
+        for child in children:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited early:\n{child.log_path.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM not healthy after {timeout_s} s: {pending}")
+        still = []
+        for url in pending:
+            try:
+                ok = httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                still.append(url)
+        pending = still
+        if pending:
+            time.sleep(1.0)
+
+
+def start_all(config: Config) -> list[Child]:
+    children = [start_deployment(config, task, port=config.deployments[task].port) for task in TASKS]
+    try:
+        wait_healthy([config.deployments[t].urls[0] for t in TASKS], children)
+    except BaseException:
+        stop_children(children)
+        raise
+    return children
