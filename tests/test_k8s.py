@@ -394,9 +394,9 @@ def test_dockerfile_base_images_are_pinned(stages: dict[str, Stage]) -> None:
 
 
 def test_dockerfile_images_run_as_the_manifests_non_root_user(stages: dict[str, Stage]) -> None:
+    renders = [Rendered(v, _config(v), render_manifests(_config(v), v)) for v in OVERLAYS]
     run_as = {c["securityContext"]["runAsUser"]
-              for variant in OVERLAYS
-              for o, t in _pod_templates(Rendered(variant, _config(variant), render_manifests(_config(variant), variant)))
+              for r in renders for _, t in _pod_templates(r)
               for c in _containers(t["spec"]) if "runAsUser" in c.get("securityContext", {})}
     assert len(run_as) == 1
     for target in ("router", "prepare"):
