@@ -12,10 +12,8 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Union
-
 import numpy as np
 import torch
 from PIL import Image
@@ -29,11 +27,12 @@ from transformers import (
 
 __all__ = ["ReferenceEncoder", "ImageInput"]
 
-ImageInput = Union[Image.Image, str, Path, bytes]
+ImageInput = Image.Image | str | Path | bytes
 
 ROLES = ("query", "passage")
 IMAGE_PROMPT_TEXT = "Describe the image."
 _PROJECTOR = "multi_vector_projector"
+_Batch = Mapping[str, torch.Tensor]
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])\.(?P<task>[^.]+)\.weight$")
 
 
@@ -196,24 +195,26 @@ class ReferenceEncoder:
         projector = LoraLinear(linear, scaling, self._active)
 
         modules = dict(self.model.named_modules())
+        if _PROJECTOR not in pairs:
+            raise ValueError(f"adapters hold no LoRA pair for {_PROJECTOR}")
+        targets = {path: projector if path == _PROJECTOR else self._wrap(path, modules, scaling) for path in pairs}
         for path, tasks in pairs.items():
-            if path == _PROJECTOR:
-                target = projector
-            else:
-                name = next((c for c in _module_candidates(path) if c in modules), None)
-                if name is None or not isinstance(modules[name], nn.Linear):
-                    raise ValueError(f"LoRA module {path!r} matches no Linear in the model")
-                target = LoraLinear(modules[name], scaling, self._active)
-                parent_name, _, child = name.rpartition(".")
-                setattr(modules[parent_name], child, target)
-            for task, pair in tasks.items():
-                target.add_pair(task, pair["A"], pair["B"])
             missing = set(self.task_names) - set(tasks)
             if missing:
                 raise ValueError(f"LoRA module {path!r} has no pair for tasks {sorted(missing)}")
-        if not projector.lora_a:
-            raise ValueError(f"adapters hold no LoRA pair for {_PROJECTOR}")
+            for task, pair in tasks.items():
+                targets[path].add_pair(task, pair["A"], pair["B"])
         return projector
+
+    def _wrap(self, path: str, modules: dict[str, nn.Module], scaling: float) -> LoraLinear:
+        """Replace the Linear that LoRA `path` adapts with a LoraLinear around it."""
+        name = next((c for c in _module_candidates(path) if c in modules), None)
+        if name is None or not isinstance(modules[name], nn.Linear):
+            raise ValueError(f"LoRA module {path!r} matches no Linear in the model")
+        wrapper = LoraLinear(modules[name], scaling, self._active)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, wrapper)
+        return wrapper
 
     def _token(self, token_id: int) -> str:
         return self.processor.tokenizer.convert_ids_to_tokens(int(token_id))
@@ -238,7 +239,9 @@ class ReferenceEncoder:
         if task not in self.task_names:
             raise ValueError(f"unknown task {task!r}; choose one of {self.task_names}")
 
-    def _text_batches(self, texts: Sequence[str], task: str, prompt_name: str, max_length: int | None) -> Iterator[dict]:
+    def _text_batches(
+        self, texts: Sequence[str], task: str, prompt_name: str, max_length: int | None
+    ) -> Iterator[_Batch]:
         self._check_task(task)
         prefix = text_prefix(task, prompt_name)
         if isinstance(texts, str):
@@ -262,7 +265,7 @@ class ReferenceEncoder:
         with Image.open(image) as img:
             return img.convert("RGB")
 
-    def _image_batches(self, images: Sequence[ImageInput], task: str) -> Iterator[dict]:
+    def _image_batches(self, images: Sequence[ImageInput], task: str) -> Iterator[_Batch]:
         self._check_task(task)
         for start in range(0, len(images), self.batch_size):
             chunk = [self._load_image(im) for im in images[start : start + self.batch_size]]
@@ -282,7 +285,7 @@ class ReferenceEncoder:
     # ---- forward -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _hidden(self, batches: Iterator[dict], task: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _hidden(self, batches: Iterator[_Batch], task: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, fp32 last hidden states) per item, padding removed."""
         self._active.name = task
         out: list[tuple[np.ndarray, np.ndarray]] = []
@@ -363,5 +366,5 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _unpad(batch: dict) -> list[list[int]]:
+def _unpad(batch: _Batch) -> list[list[int]]:
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]

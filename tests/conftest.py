@@ -1,0 +1,73 @@
+"""Session-wide fixtures: the demo checkpoint and its prepared task directories, built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random jina-embeddings-v4 checkpoint (seed 0) in the real repo's layout."""
+    from jv4_vllm.demo_checkpoint import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("demo-source"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(demo_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`demo_source` prepared for serving: one merged checkpoint per task in `<dir>/<task>/`."""
+    from jv4_vllm.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(demo_source, out)
+    return out
+
+
+# ---- real vLLM deployments of the three tasks (started once per session) ------------------------
+
+@pytest.fixture(scope="session")
+def stack_config(demo_source: Path, prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Config of the demo stack: three deployments on fresh loopback ports (not started)."""
+    from vllm_stack import demo_config
+
+    return demo_config(demo_source, prepared_dir, tmp_path_factory.mktemp("logs"))
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(stack_config):
+    """The three task deployments running on real vLLM (CPU); yields the config that points at them."""
+    from jv4_vllm.launch import stop_children
+    from vllm_stack import start_all
+
+    children = start_all(stack_config)
+    try:
+        yield stack_config
+    finally:
+        stop_children(children)
+
+
+@pytest.fixture(scope="session")
+def reference(demo_source: Path):
+    """The reference encoder on the UNMERGED demo checkpoint (LoRA applied on the fly)."""
+    from jv4_vllm.reference import ReferenceEncoder
+
+    return ReferenceEncoder(demo_source)
+
+
+PARITY_ROWS: list[tuple[str, str, str, int, float]] = []
+
+
+@pytest.fixture(scope="session")
+def parity_report() -> list[tuple[str, str, str, int, float]]:
+    """Rows (path, case, kind, count, min cosine) printed at the end of the run."""
+    return PARITY_ROWS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
+    if not PARITY_ROWS:
+        return
+    terminalreporter.section("parity with the reference encoder (min cosine)")
+    for path, case, kind, count, cosine in PARITY_ROWS:
+        terminalreporter.write_line(f"{path:<14} {case:<34} {kind:<8} n={count:<4} min cos {cosine:.7f}")
