@@ -77,7 +77,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_k8s(args: argparse.Namespace) -> int:
     from .k8s import write_manifests
-    for path in write_manifests(_config(args), Path(args.out)):
+    for path in write_manifests(_config(args), Path(args.out), variant=args.variant):
         print(path)
     return 0
 
@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
     _add(p, "--out", required=True, help="output directory")
+    _add(p, "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
 
     p = command("bench", cmd_bench, "Benchmark the paths side by side (see `jv4-vllm bench -- --help`).", False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")

@@ -73,3 +73,51 @@ def start_all(config: Config) -> list[Child]:
         stop_children(children)
         raise
     return children
+
+
+class InProcessServer:
+    """A real uvicorn server for an ASGI app on a loopback port, inside the test's event loop."""
+
+    def __init__(self, app, port: int) -> None:  # noqa: ANN001 - any ASGI app
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                     lifespan="on"))
+        self._task = None
+
+    async def __aenter__(self) -> "InProcessServer":
+        import asyncio
+
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.05)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        await self._task
+
+
+def write_config(config: Config, path: Path) -> Path:
+    """The config as a YAML file, for commands that take --config."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def wait_ready(url: str, process=None, timeout_s: float = 120.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
