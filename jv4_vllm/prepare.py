@@ -1,0 +1,446 @@
+"""Turn a jina-embeddings-v4 checkpoint into one plain Qwen2.5-VL checkpoint per task.
+
+vLLM serves a task adapter best as merged weights (W + scaling * B @ A), so
+each task directory is a `Qwen2_5_VLForConditionalGeneration` checkpoint that
+both vLLM and transformers load, plus what the router needs and vLLM does not
+keep: the task-effective multi-vector projector, the prompt conventions
+(`jv4.json`) and a chat template that renders the reference image prompt.
+
+The real model is 7.5 GB, so tensors are streamed one at a time and written
+in bounded shards. Everything is checked before anything is written, and each
+task directory appears only once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+__all__ = ["prepare", "PrepareError", "IMAGE_PROMPT_TEXT"]
+
+IMAGE_PROMPT_TEXT = "Describe the image."
+CHAT_TEMPLATE_FILE = "jv4_chat_template.jinja"
+PROJECTOR_FILE = "multi_vector_projector.safetensors"
+PROJECTOR = "multi_vector_projector"
+MAX_SHARD_BYTES = 2 * 1024**3
+
+# Tokenizer and processor files copied verbatim when the source has them.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.(?P<task>[^.]+)\.weight$")
+
+
+class PrepareError(ValueError):
+    """The source cannot be prepared as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One task's LoRA pair for one base weight."""
+
+    a_key: str
+    b_key: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Everything validated about the source before any output is written."""
+
+    root: Path
+    config: dict[str, Any]
+    shards: list[Path]
+    base_keys: dict[str, Path]  # base weight key -> shard holding it
+    projector: tuple[str, str]  # base keys of the projector weight and bias
+    adapter_file: Path
+    scaling: float
+    pairs: dict[str, dict[str, _Pair]]  # task -> base weight key -> pair
+    token_ids: dict[str, int]
+    token_strings: dict[str, str]
+
+
+def prepare(source: str | Path, out: Path, tasks: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write `out/<task>/` for each task (default: all of the source's tasks).
+
+    `source` is a local checkpoint directory or a Hugging Face model id.
+    Returns the written directory of each task. Raises `PrepareError` before
+    writing anything if the source or the request is not usable.
+    """
+    src = _inspect(_resolve(source), tasks)
+    out = Path(out)
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for task in src.pairs:
+            staged[task] = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=out))
+            _write_task(src, task, str(source), staged[task])
+    except BaseException:
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created_out and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return {task: _publish(tmp, out / task) for task, tmp in staged.items()}
+
+
+def _resolve(source: str | Path) -> Path:
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise PrepareError(f"source {source} is not a directory")
+        return path
+    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return Path(snapshot_download(repo_id=source))
+    raise PrepareError(f"source {source} is neither a local directory nor a Hugging Face model id")
+
+
+def _inspect(root: Path, tasks: Sequence[str] | None) -> _Source:
+    """Validate the source and plan the merge without reading any weight data."""
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise PrepareError(f"{root} has no config.json: not a jina-embeddings-v4 checkpoint")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    task_names = config.get("task_names")
+    if "JinaEmbeddingsV4Model" not in (config.get("architectures") or []) or not task_names:
+        raise PrepareError(
+            f"{root} is not a jina-embeddings-v4 checkpoint "
+            "(config.json needs architectures [JinaEmbeddingsV4Model] and task_names)"
+        )
+    wanted = list(dict.fromkeys(task_names if tasks is None else tasks))
+    unknown = [t for t in wanted if t not in task_names]
+    if unknown or not wanted:
+        raise PrepareError(f"unknown task(s) {unknown or wanted}; the checkpoint has {task_names}")
+
+    adapters = root / "adapters"
+    adapter_file = adapters / "adapter_model.safetensors"
+    if not (adapters / "adapter_config.json").is_file() or not adapter_file.is_file():
+        raise PrepareError(f"{adapters} with adapter_config.json and adapter_model.safetensors is missing")
+    adapter_config = json.loads((adapters / "adapter_config.json").read_text(encoding="utf-8"))
+
+    shards = _base_shards(root)
+    base_keys: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                base_keys[key] = shard
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    projector = _projector_keys(base_keys)
+    pairs = _plan_pairs(adapter_file, wanted, base_keys, shapes, adapter_config)
+    token_ids, token_strings = _special_tokens(root, config)
+    return _Source(
+        root=root,
+        config=config,
+        shards=shards,
+        base_keys=base_keys,
+        projector=projector,
+        adapter_file=adapter_file,
+        scaling=_scaling(adapter_config),
+        pairs=pairs,
+        token_ids=token_ids,
+        token_strings=token_strings,
+    )
+
+
+def _base_shards(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [root / name for name in sorted(set(weight_map.values()))]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    raise PrepareError(f"{root} has no model.safetensors or model.safetensors.index.json")
+
+
+def _canonical(key: str) -> str:
+    """One name per weight whichever convention wrote it (`model.language_model.` or `model.`)."""
+    for prefix, canon in (
+        ("model.language_model.", "text:"),
+        ("model.visual.", "visual:"),
+        ("visual.", "visual:"),
+        ("model.", "text:"),
+    ):
+        if key.startswith(prefix):
+            return canon + key.removeprefix(prefix)
+    return key
+
+
+def _output_key(key: str) -> str:
+    """The transformers >= 4.52 names, which transformers and vLLM both load."""
+    canon = _canonical(key)
+    if canon.startswith("text:"):
+        return "model.language_model." + canon.removeprefix("text:")
+    if canon.startswith("visual:"):
+        return "model.visual." + canon.removeprefix("visual:")
+    return key
+
+
+def _projector_keys(base_keys: dict[str, Path]) -> tuple[str, str]:
+    found = {}
+    for part in ("weight", "bias"):
+        matches = [k for k in base_keys if k == f"{PROJECTOR}.{part}" or k.endswith(f".{PROJECTOR}.{part}")]
+        if len(matches) != 1:
+            raise PrepareError(f"expected one base tensor {PROJECTOR}.{part}, found {matches or 'none'}")
+        found[part] = matches[0]
+    return found["weight"], found["bias"]
+
+
+def _plan_pairs(
+    adapter_file: Path,
+    tasks: list[str],
+    base_keys: dict[str, Path],
+    shapes: dict[str, tuple[int, ...]],
+    adapter_config: dict[str, Any],
+) -> dict[str, dict[str, _Pair]]:
+    """Map every LoRA pair of the wanted tasks to the base weight it adapts."""
+    by_canonical: dict[str, str] = {}
+    for key in base_keys:
+        if by_canonical.setdefault(_canonical(key), key) != key:
+            raise PrepareError(f"base weights {by_canonical[_canonical(key)]} and {key} name the same tensor")
+    halves: dict[tuple[str, str], dict[str, str]] = {}
+    with safe_open(str(adapter_file), framework="pt") as f:
+        adapter_shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key in adapter_shapes:
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise PrepareError(f"unsupported adapter tensor {key} (only LoRA A/B weights can be merged)")
+        halves.setdefault((match["task"], match["module"]), {})[match["half"]] = key
+
+    rank = int(adapter_config["r"])
+    pairs: dict[str, dict[str, _Pair]] = {task: {} for task in tasks}
+    for (task, module), half in halves.items():
+        if task not in pairs:
+            continue
+        if set(half) != {"A", "B"}:
+            missing = "B" if "A" in half else "A"
+            raise PrepareError(f"adapter tensor {next(iter(half.values()))} has no matching lora_{missing}")
+        base = by_canonical.get(_canonical(f"{module}.weight"))
+        if base is None:
+            raise PrepareError(f"LoRA pair {half['A']} matches no base weight (looked for {module}.weight)")
+        a_shape, b_shape = adapter_shapes[half["A"]], adapter_shapes[half["B"]]
+        if a_shape[0] != rank or b_shape[1] != rank or (b_shape[0], a_shape[1]) != shapes[base]:
+            raise PrepareError(
+                f"LoRA pair {half['A']} has shapes A{list(a_shape)} B{list(b_shape)}, "
+                f"which do not fit rank {rank} and base weight {base} {list(shapes[base])}"
+            )
+        pairs[task][base] = _Pair(a_key=half["A"], b_key=half["B"])
+    for task, task_pairs in pairs.items():
+        if not task_pairs:
+            raise PrepareError(f"the adapter holds no LoRA weights for task {task!r}")
+    return pairs
+
+
+def _scaling(adapter_config: dict[str, Any]) -> float:
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise PrepareError(f"adapter peft_type {adapter_config['peft_type']!r} is not LORA")
+    for unsupported in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern"):
+        if adapter_config.get(unsupported):
+            raise PrepareError(f"adapter_config.json sets {unsupported}, which this merge does not support")
+    rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
+def _special_tokens(root: Path, config: dict[str, Any]) -> tuple[dict[str, int], dict[str, str]]:
+    """Ids from the config and tokenizer, and the tokenizer's strings for them."""
+    tokenizer_path = root / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise PrepareError(f"{root} has no tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ids: dict[str, int | None] = {
+        "im_start": tokenizer.token_to_id("<|im_start|>"),
+        "im_end": tokenizer.token_to_id("<|im_end|>"),
+        "endoftext": tokenizer.token_to_id("<|endoftext|>"),
+        "vision_start": config.get("vision_start_token_id"),
+        "vision_end": config.get("vision_end_token_id"),
+        "image_pad": config.get("image_token_id"),
+    }
+    missing = [name for name, token_id in ids.items() if token_id is None]
+    if missing:
+        raise PrepareError(f"cannot find the token id(s) {missing} in config.json/tokenizer.json")
+    strings = {name: tokenizer.id_to_token(token_id) for name, token_id in ids.items()}
+    unknown = [name for name, string in strings.items() if string is None]
+    if unknown:
+        raise PrepareError(f"config.json token id(s) {unknown} are not in the tokenizer")
+    return {k: int(v) for k, v in ids.items() if v is not None}, {k: str(v) for k, v in strings.items()}
+
+
+def _write_task(src: _Source, task: str, source_label: str, folder: Path) -> None:
+    pairs = src.pairs[task]
+    with safe_open(str(src.adapter_file), framework="pt") as adapter:
+        lora = {
+            base: (adapter.get_tensor(p.a_key).float(), adapter.get_tensor(p.b_key).float())
+            for base, p in pairs.items()
+        }
+
+    def merged_fp32(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key not in lora:
+            return tensor.float()
+        a, b = lora[key]
+        return tensor.float() + src.scaling * (b @ a)
+
+    writer = _ShardWriter(folder)
+    weight_key, bias_key = src.projector
+    projector: dict[str, torch.Tensor] = {}
+    for key, tensor in _stream(src.shards):
+        if key == weight_key:
+            projector["weight"] = merged_fp32(key, tensor)
+        elif key == bias_key:
+            projector["bias"] = tensor.float()
+        elif PROJECTOR not in key:
+            writer.add(_output_key(key), merged_fp32(key, tensor).to(tensor.dtype) if key in lora else tensor)
+    writer.close()
+    save_file({k: v.contiguous() for k, v in projector.items()}, str(folder / PROJECTOR_FILE))
+
+    config = {k: v for k, v in src.config.items() if k != "auto_map"}
+    config["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    config["model_type"] = "qwen2_5_vl"
+    _write_json(folder / "config.json", config)
+    for name in _SIDE_FILES:
+        if (src.root / name).is_file():
+            shutil.copy2(src.root / name, folder / name)
+    (folder / CHAT_TEMPLATE_FILE).write_text(_chat_template(src.token_strings), encoding="utf-8")
+    _write_json(folder / "jv4.json", _spec(src, task, source_label, projector["weight"].shape[0]))
+
+
+def _stream(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield base tensors one at a time, in file order."""
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+class _ShardWriter:
+    """Writes tensors to safetensors shards of bounded size, with an index when there are several."""
+
+    def __init__(self, folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
+        self._folder, self._max_bytes = folder, max_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[tuple[Path, list[str]]] = []
+        self._total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self._max_bytes:
+            self._flush()
+        self._pending[key] = tensor.contiguous()
+        self._pending_bytes += size
+        self._total += size
+
+    def close(self) -> None:
+        """Name the shards and write the index.
+
+        The index is written even for a single shard: without one vLLM loads
+        every `*.safetensors` in the folder, the projector file included.
+        """
+        self._flush()
+        weight_map = {}
+        for i, (path, keys) in enumerate(self._files, start=1):
+            name = "model.safetensors" if len(self._files) == 1 else f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
+            path.rename(self._folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        _write_json(
+            self._folder / "model.safetensors.index.json",
+            {"metadata": {"total_size": self._total}, "weight_map": weight_map},
+        )
+
+    def _flush(self) -> None:
+        if not self._pending and self._files:
+            return
+        path = self._folder / f"shard-{len(self._files):05d}.partial"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._files.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+
+def _chat_template(tokens: dict[str, str]) -> str:
+    """Chat template giving `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, never a generation prompt."""
+    image = tokens["vision_start"] + tokens["image_pad"] + tokens["vision_end"]
+    return (
+        "{%- for message in messages -%}\n"
+        f"{{{{ '{tokens['im_start']}' + message['role'] + '\\n' }}}}\n"
+        "{%- if message['content'] is string -%}\n"
+        "{{ message['content'] }}\n"
+        "{%- else -%}\n"
+        "{%- for part in message['content'] -%}\n"
+        "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}\n"
+        f"{{{{ '{image}' }}}}\n"
+        "{%- elif part['type'] in ('text', 'input_text') -%}\n"
+        "{{ part['text'] }}\n"
+        "{%- else -%}\n"
+        "{{ raise_exception('unsupported content part: ' ~ part['type']) }}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- endif -%}\n"
+        f"{{{{ '{tokens['im_end']}' + '\\n' }}}}\n"
+        "{%- endfor -%}\n"
+    )
+
+
+def _spec(src: _Source, task: str, source_label: str, projector_dim: int) -> dict[str, Any]:
+    text_config = src.config.get("text_config") or src.config
+    query_prefix = "Query: "
+    passage_prefix = query_prefix if task == "text-matching" else "Passage: "
+    return {
+        "format_version": 1,
+        "task": task,
+        "source": source_label,
+        "prefixes": {"query": query_prefix, "passage": passage_prefix},
+        "image_prompt_text": IMAGE_PROMPT_TEXT,
+        "matryoshka_dims": list(src.config.get("matryoshka_dims") or [text_config["hidden_size"]]),
+        "hidden_size": text_config["hidden_size"],
+        "projector_dim": projector_dim,
+        "max_position_embeddings": text_config["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE_FILE,
+        "projector": PROJECTOR_FILE,
+        "token_ids": src.token_ids,
+    }
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Move a finished task directory into place, replacing an older one.
+
+    Temporary directories and safetensors files are private to the owner;
+    the published checkpoint must be readable by whoever serves it.
+    """
+    tmp.chmod(0o755)
+    for path in tmp.iterdir():
+        path.chmod(0o644)
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        final.rename(trash / final.name)
+        tmp.rename(final)
+        shutil.rmtree(trash)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
