@@ -44,11 +44,6 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_source: Path) -> ReferenceEncoder:
-    return ReferenceEncoder(demo_source)
-
-
-@pytest.fixture(scope="module")
 def source_config(demo_source: Path) -> dict:
     return json.loads((demo_source / "config.json").read_text())
 
