@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -52,6 +53,8 @@ _SIDE_FILES = (
     "processor_config.json",
     "generation_config.json",
 )
+# What prepare reads from a hub repo (skips e.g. ONNX exports).
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.(?P<task>[^.]+)\.weight$")
 
 
@@ -115,7 +118,10 @@ def _resolve(source: str | Path) -> Path:
             raise PrepareError(f"source {source} is not a directory")
         return path
     if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return Path(snapshot_download(repo_id=source))
+        try:
+            return Path(snapshot_download(repo_id=source, allow_patterns=_DOWNLOAD_PATTERNS))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+            raise PrepareError(f"cannot download {source} from the Hugging Face Hub: {exc}") from exc
     raise PrepareError(f"source {source} is neither a local directory nor a Hugging Face model id")
 
 
@@ -338,8 +344,8 @@ def _stream(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 class _ShardWriter:
     """Writes tensors to safetensors shards of bounded size, with an index when there are several."""
 
-    def __init__(self, folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
-        self._folder, self._max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
+        self._folder, self._max_bytes = folder, max_bytes or MAX_SHARD_BYTES
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._files: list[tuple[Path, list[str]]] = []
