@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import dns.asyncresolver
+import dns.exception
 import httpx
 
 from .config import BackendSettings
@@ -46,10 +48,24 @@ class Replica:
     source: str = field(default="", repr=False)  # the configured URL it came from
 
 
-async def _resolve(host: str, port: int) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+async def _resolve(host: str, port: int, server: str | None = None) -> list[str]:
+    """Every A/AAAA address of ``host``: from the system resolver, or asked of ``server`` ("host:port").
+
+    Raises OSError when the name does not resolve, whichever resolver answered.
+    """
+    if server is None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return sorted({info[4][0] for info in infos})
+    where = urlsplit(f"//{server}")
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [where.hostname or ""]
+    resolver.port = where.port or 53
+    try:
+        answers = await resolver.resolve_name(host)
+    except dns.exception.DNSException as exc:
+        raise OSError(f"{host} via {server}: {exc}") from exc
+    return sorted(set(answers.addresses()))
 
 
 def _join_host(scheme: str, address: str, port: int) -> str:
@@ -105,7 +121,7 @@ class ReplicaPool:
             parts = urlsplit(source)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:
-                addresses = await _resolve(parts.hostname or "", port)
+                addresses = await _resolve(parts.hostname or "", port, self.settings.dns_server)
             except OSError as exc:
                 log.warning("%s: cannot resolve %s: %s", self.task, source, exc)
                 addresses = [urlsplit(r.url).hostname or "" for r in self.replicas if r.source == source]

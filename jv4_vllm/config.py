@@ -60,6 +60,7 @@ class BackendSettings(_Strict):
     request_timeout_s: float = 300.0
     health_interval_s: float = 2.0
     dns_refresh_s: float = 10.0
+    dns_server: str | None = Field(None, description="DNS server host:port for dns+ URLs (default: system resolver)")
     startup_timeout_s: float = 600.0
 
 
