@@ -42,32 +42,23 @@ VISION_HEADS = 2
 VISION_INTERMEDIATE = 256
 VISION_DEPTH = 2
 
-# Qwen2.5-VL's added tokens, in the order the real tokenizer appends them.
-# The bool says whether the token is special (skipped when decoding).
-QWEN_ADDED_TOKENS = (
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True),
-    ("<|box_start|>", True),
-    ("<|box_end|>", True),
-    ("<|quad_start|>", True),
-    ("<|quad_end|>", True),
-    ("<|vision_start|>", True),
-    ("<|vision_end|>", True),
-    ("<|vision_pad|>", True),
-    ("<|image_pad|>", True),
-    ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
-)
+# Qwen2.5-VL's added tokens, in the order the real tokenizer appends them:
+# special ones (skipped when decoding), then plain added ones.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+QWEN_PLAIN_ADDED_TOKENS = (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+
+# The Linear layers of each text decoder layer that carry a LoRA pair.
+_ADAPTED = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
 
 # Qwen2's pre-tokenisation regex (splits words, single digits, punctuation runs, newlines).
 _PRETOKENIZE_REGEX = (
@@ -141,7 +132,7 @@ def build_demo_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
-    token_ids = {content: tokenizer.token_to_id(content) for content, _ in QWEN_ADDED_TOKENS}
+    token_ids = {content: tokenizer.token_to_id(content) for content in QWEN_SPECIAL_TOKENS}
     config = _config(hidden_size, tokenizer.get_vocab_size(), token_ids)
 
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +167,8 @@ def _build_tokenizer() -> Tokenizer:
     )
     tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
     tokenizer.add_tokens(
-        [AddedToken(content, special=special, normalized=False) for content, special in QWEN_ADDED_TOKENS]
+        [AddedToken(content, special=True, normalized=False) for content in QWEN_SPECIAL_TOKENS]
+        + [AddedToken(content, special=False, normalized=False) for content in QWEN_PLAIN_ADDED_TOKENS]
     )
     return tokenizer
 
@@ -298,19 +290,7 @@ def _lora_weights(
     large enough that every task gives clearly different outputs, small
     enough that the outputs stay sane.
     """
-    modules = [
-        f"text.layers.{i}.{proj}"
-        for i in range(config["num_hidden_layers"])
-        for proj in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        )
-    ]
+    modules = [f"text.layers.{i}.{proj}" for i in range(config["num_hidden_layers"]) for proj in _ADAPTED]
     modules.append("multi_vector_projector")
     lora: dict[str, torch.Tensor] = {}
     for task in TASK_NAMES:
@@ -327,7 +307,8 @@ def _lora_weights(
 
 def _rename(tensors: dict[str, torch.Tensor], key_style: str, prefix: str = "") -> dict[str, torch.Tensor]:
     """Map canonical names to one of the two real key conventions."""
-    text, visual = ("model.language_model.", "model.visual.") if key_style == "language_model" else ("model.", "visual.")
+    new_names = key_style == "language_model"
+    text, visual = ("model.language_model.", "model.visual.") if new_names else ("model.", "visual.")
     renamed = {}
     for name, tensor in tensors.items():
         if name.startswith("text."):

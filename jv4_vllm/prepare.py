@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,19 +40,10 @@ MAX_SHARD_BYTES = 2 * 1024**3
 
 # Tokenizer and processor files copied verbatim when the source has them.
 _SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+)  # fmt: skip
 # What prepare reads from a hub repo (skips e.g. ONNX exports).
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.(?P<task>[^.]+)\.weight$")
@@ -63,25 +54,16 @@ class PrepareError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Pair:
-    """One task's LoRA pair for one base weight."""
-
-    a_key: str
-    b_key: str
-
-
-@dataclass(frozen=True)
 class _Source:
     """Everything validated about the source before any output is written."""
 
     root: Path
     config: dict[str, Any]
     shards: list[Path]
-    base_keys: dict[str, Path]  # base weight key -> shard holding it
     projector: tuple[str, str]  # base keys of the projector weight and bias
     adapter_file: Path
     scaling: float
-    pairs: dict[str, dict[str, _Pair]]  # task -> base weight key -> pair
+    pairs: dict[str, dict[str, tuple[str, str]]]  # task -> base weight key -> (lora_A key, lora_B key)
     token_ids: dict[str, int]
     token_strings: dict[str, str]
 
@@ -149,21 +131,17 @@ def _inspect(root: Path, tasks: Sequence[str] | None) -> _Source:
     adapter_config = json.loads((adapters / "adapter_config.json").read_text(encoding="utf-8"))
 
     shards = _base_shards(root)
-    base_keys: dict[str, Path] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # every base weight key -> its shape
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                base_keys[key] = shard
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    projector = _projector_keys(base_keys)
-    pairs = _plan_pairs(adapter_file, wanted, base_keys, shapes, adapter_config)
+            shapes.update((key, tuple(f.get_slice(key).get_shape())) for key in f.keys())
+    projector = _projector_keys(shapes)
+    pairs = _plan_pairs(adapter_file, wanted, shapes, projector[0], adapter_config)
     token_ids, token_strings = _special_tokens(root, config)
     return _Source(
         root=root,
         config=config,
         shards=shards,
-        base_keys=base_keys,
         projector=projector,
         adapter_file=adapter_file,
         scaling=_scaling(adapter_config),
@@ -206,7 +184,7 @@ def _output_key(key: str) -> str:
     return key
 
 
-def _projector_keys(base_keys: dict[str, Path]) -> tuple[str, str]:
+def _projector_keys(base_keys: Iterable[str]) -> tuple[str, str]:
     found = {}
     for part in ("weight", "bias"):
         matches = [k for k in base_keys if k == f"{PROJECTOR}.{part}" or k.endswith(f".{PROJECTOR}.{part}")]
@@ -219,13 +197,17 @@ def _projector_keys(base_keys: dict[str, Path]) -> tuple[str, str]:
 def _plan_pairs(
     adapter_file: Path,
     tasks: list[str],
-    base_keys: dict[str, Path],
     shapes: dict[str, tuple[int, ...]],
+    projector_key: str,
     adapter_config: dict[str, Any],
-) -> dict[str, dict[str, _Pair]]:
-    """Map every LoRA pair of the wanted tasks to the base weight it adapts."""
+) -> dict[str, dict[str, tuple[str, str]]]:
+    """Map every LoRA pair of the wanted tasks to the base weight it adapts.
+
+    Text and vision weights match under either key convention; the projector
+    matches by name wherever the base checkpoint keeps it.
+    """
     by_canonical: dict[str, str] = {}
-    for key in base_keys:
+    for key in shapes:
         if by_canonical.setdefault(_canonical(key), key) != key:
             raise PrepareError(f"base weights {by_canonical[_canonical(key)]} and {key} name the same tensor")
     halves: dict[tuple[str, str], dict[str, str]] = {}
@@ -238,14 +220,15 @@ def _plan_pairs(
         halves.setdefault((match["task"], match["module"]), {})[match["half"]] = key
 
     rank = int(adapter_config["r"])
-    pairs: dict[str, dict[str, _Pair]] = {task: {} for task in tasks}
+    pairs: dict[str, dict[str, tuple[str, str]]] = {task: {} for task in tasks}
     for (task, module), half in halves.items():
         if task not in pairs:
             continue
         if set(half) != {"A", "B"}:
             missing = "B" if "A" in half else "A"
             raise PrepareError(f"adapter tensor {next(iter(half.values()))} has no matching lora_{missing}")
-        base = by_canonical.get(_canonical(f"{module}.weight"))
+        is_projector = module == PROJECTOR or module.endswith(f".{PROJECTOR}")
+        base = projector_key if is_projector else by_canonical.get(_canonical(f"{module}.weight"))
         if base is None:
             raise PrepareError(f"LoRA pair {half['A']} matches no base weight (looked for {module}.weight)")
         a_shape, b_shape = adapter_shapes[half["A"]], adapter_shapes[half["B"]]
@@ -254,7 +237,7 @@ def _plan_pairs(
                 f"LoRA pair {half['A']} has shapes A{list(a_shape)} B{list(b_shape)}, "
                 f"which do not fit rank {rank} and base weight {base} {list(shapes[base])}"
             )
-        pairs[task][base] = _Pair(a_key=half["A"], b_key=half["B"])
+        pairs[task][base] = (half["A"], half["B"])
     for task, task_pairs in pairs.items():
         if not task_pairs:
             raise PrepareError(f"the adapter holds no LoRA weights for task {task!r}")
@@ -299,8 +282,8 @@ def _write_task(src: _Source, task: str, source_label: str, folder: Path) -> Non
     pairs = src.pairs[task]
     with safe_open(str(src.adapter_file), framework="pt") as adapter:
         lora = {
-            base: (adapter.get_tensor(p.a_key).float(), adapter.get_tensor(p.b_key).float())
-            for base, p in pairs.items()
+            base: (adapter.get_tensor(a_key).float(), adapter.get_tensor(b_key).float())
+            for base, (a_key, b_key) in pairs.items()
         }
 
     def merged_fp32(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -342,7 +325,7 @@ def _stream(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class _ShardWriter:
-    """Writes tensors to safetensors shards of bounded size, with an index when there are several."""
+    """Writes tensors to safetensors shards of bounded size, plus their index."""
 
     def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
         self._folder, self._max_bytes = folder, max_bytes or MAX_SHARD_BYTES
@@ -368,7 +351,8 @@ class _ShardWriter:
         self._flush()
         weight_map = {}
         for i, (path, keys) in enumerate(self._files, start=1):
-            name = "model.safetensors" if len(self._files) == 1 else f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
+            count = len(self._files)
+            name = f"model-{i:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
             path.rename(self._folder / name)
             weight_map.update(dict.fromkeys(keys, name))
         _write_json(

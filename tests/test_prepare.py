@@ -98,7 +98,8 @@ def test_projector_is_base_plus_scaled_lora_in_fp32(demo_source: Path, prepared_
         projector = load_file(prepared_dir / task / "multi_vector_projector.safetensors")
         assert projector.keys() == {"weight", "bias"}
         assert projector["weight"].dtype == torch.float32
-        expected = base["multi_vector_projector.weight"].double() + _lora_delta(demo_source, "multi_vector_projector", task)
+        delta = _lora_delta(demo_source, "multi_vector_projector", task)
+        expected = base["multi_vector_projector.weight"].double() + delta
         torch.testing.assert_close(projector["weight"].double(), expected, rtol=0, atol=1e-6)
         assert torch.equal(projector["bias"], base["multi_vector_projector.bias"])
 
@@ -276,7 +277,7 @@ def test_lora_pair_without_base_weight_fails_naming_it(demo_source: Path, tmp_pa
     lora[stray.format("A")] = torch.ones(8, 128)
     lora[stray.format("B")] = torch.ones(128, 8)
     save_file(lora, path)
-    with pytest.raises(PrepareError, match=r"layers\.7\.self_attn\.q_proj\.lora_A\.code\.weight matches no base weight"):
+    with pytest.raises(PrepareError, match=r"layers\.7\.self_attn\.q_proj\.lora_A\.code\.weight matches no base"):
         prepare(source, tmp_path / "out", ["code"])
     _assert_untouched(tmp_path / "out", None)
 
