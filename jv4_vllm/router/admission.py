@@ -1,0 +1,108 @@
+"""What gets in, and what may keep running: API keys, the body cap, client disconnects.
+
+:class:`AdmissionMiddleware` is plain ASGI so it acts before any parsing: a bad key is a
+401 whatever the body holds, and an oversized body is a 413 decided from
+``Content-Length`` or, for chunked uploads, while the body streams in (it is never
+buffered past the cap). :func:`until_disconnect` runs a request's work and cancels it
+when the client goes away, so abandoned requests stop costing backend calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable, TypeVar
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import Jv4Error, PayloadTooLargeError
+from .auth import ApiKeys
+from .errors import error_response
+
+__all__ = ["AdmissionMiddleware", "until_disconnect"]
+
+T = TypeVar("T")
+PROTECTED_PREFIX = "/v1/"
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+class AdmissionMiddleware:
+    """API keys on ``/v1/*`` and the request body cap, before the application sees a byte."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int) -> None:
+        self.app = app
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if scope["path"].startswith(PROTECTED_PREFIX):
+                self.keys.check(headers.get("authorization"))
+            if scope["method"] in _BODYLESS:
+                await self.app(scope, receive, send)
+                return
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise self._too_large()
+            body = await self._read_body(receive)
+        except Jv4Error as error:
+            scope.setdefault("state", {})["error_type"] = error.type
+            await error_response(error)(scope, receive, send)
+            return
+        if body is None:  # the client left while sending
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"the request body is larger than {self.max_body_bytes} bytes")
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                return bytes(body)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the buffered body once, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work``; cancel it if the client disconnects first. Returns (finished, result)."""
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not job.done():  # the client left, or this handler itself was cancelled
+            job.cancel()
+        watcher.cancel()
+        await asyncio.gather(job, watcher, return_exceptions=True)
+    if job.cancelled():
+        return False, None
+    return True, job.result()

@@ -1,0 +1,135 @@
+"""The ASGI app: thin routes over the engine, which lives on ``app.state.engine``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import orjson
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import Response
+
+from .. import __version__
+from ..config import Config
+from .admission import AdmissionMiddleware, until_disconnect
+from .auth import ApiKeys
+from .errors import install_error_handler
+from .metrics import MetricsMiddleware, RouterMetrics
+from .schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse, ModelCard, ModelList
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+__all__ = ["create_app", "run"]
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        400: "Invalid request: the message and param name the field or input index",
+        401: "Missing or invalid API key",
+        404: "Unknown model",
+        413: "Request body, image or input count over the limit",
+        429: "Overloaded; retry after Retry-After seconds",
+        503: "No healthy backend for the task; retry after Retry-After seconds",
+    }.items()
+}
+
+routes = APIRouter()
+
+
+def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, headers=headers, media_type="application/json")
+
+
+@routes.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
+             summary="Embed texts and images")
+async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+    """OpenAI-compatible embeddings with the Jina API's task, multi-vector and output options."""
+    state = request.app.state
+    engine: Engine = state.engine
+
+    async def work() -> bytes:
+        options = body.options(engine.model_name, engine.tasks)
+        request.state.task = options.task
+        items = await body.items(state.config.limits)
+        result = await engine.embed(items, options)
+        state.metrics.observe_embed(options.task, items, result.prompt_tokens)
+        return EmbeddingsResponse.render(result, model=body.model or engine.model_name,
+                                         embedding_type=body.output_type(), multivector=options.multivector)
+
+    finished, content = await until_disconnect(request, work())
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(content, media_type="application/json")
+
+
+@routes.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
+async def list_models(request: Request) -> Response:
+    """The model name, and one name per task adapter (``<model>-<task>``) usable as ``model``."""
+    engine: Engine = request.app.state.engine
+    names = [engine.model_name] + [f"{engine.model_name}-{task}" for task in engine.tasks]
+    return _json(ModelList(data=[ModelCard(id=name) for name in names]).model_dump())
+
+
+@routes.get("/health", summary="Liveness")
+async def health() -> Response:
+    """The process is up (it says nothing about the backends; see /ready)."""
+    return _json({"status": "ok"})
+
+
+@routes.get("/ready", summary="Readiness", responses={503: {"description": "A task has no healthy backend"}})
+async def ready(request: Request) -> Response:
+    """200 when every task has a healthy backend; 503 naming the tasks that have none."""
+    tasks = request.app.state.engine.readiness()
+    missing = [task for task, ok in tasks.items() if not ok]
+    if missing:
+        return _json({"status": "unavailable", "tasks": tasks, "message": f"no healthy backend for {missing}"},
+                     status_code=503, headers={"Retry-After": "1"})
+    return _json({"status": "ready", "tasks": tasks})
+
+
+@routes.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+def create_app(config: Config, engine: "Engine | None" = None) -> FastAPI:
+    """The router app. Without ``engine`` it starts one from ``config`` (and closes it) in its lifespan."""
+    keys = ApiKeys.from_config(config.router)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            yield
+            return
+        from ..engine import Engine
+
+        app.state.engine = await Engine.start(config)
+        try:
+            yield
+        finally:
+            await app.state.engine.aclose()
+
+    app = FastAPI(title="jv4_vllm router", version=__version__, lifespan=lifespan,
+                  description="jina-embeddings-v4 on vLLM: OpenAI- and Jina-compatible embeddings, "
+                              "every task adapter, text and images, single and multi-vector.")
+    app.state.config = config
+    app.state.engine = engine
+    app.state.metrics = RouterMetrics(lambda: app.state.engine)
+    install_error_handler(app)
+    app.include_router(routes)
+    paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)
+    return app
+
+
+def run(config: Config) -> None:
+    """Serve the router with uvicorn (uvloop, httptools) until interrupted."""
+    level = config.router.log_level.lower()
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=config.router.host, port=config.router.port, loop="uvloop",
+                http="httptools", log_level=level, timeout_graceful_shutdown=10)

@@ -1,0 +1,88 @@
+"""The router's one exception handler: every failure leaves as an OpenAI error body.
+
+``{"error": {"message", "type", "param", "code"}}`` with the status of the
+:mod:`jv4_vllm.errors` class and ``Retry-After`` when the error carries one. Request
+validation failures become 400s naming the field path (``input[3].image``). Anything
+unexpected is a generic 500 "internal error"; its details go to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from ..errors import InvalidRequestError, Jv4Error
+from .schemas import field_path
+
+__all__ = ["as_jv4_error", "error_response", "install_error_handler"]
+
+log = logging.getLogger(__name__)
+
+
+def error_response(error: Jv4Error) -> Response:
+    headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after is not None else None
+    return Response(orjson.dumps(error.to_body()), status_code=error.status, headers=headers,
+                    media_type="application/json")
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """The first problem, phrased for the client, with ``param`` as a field path."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("the request is invalid")
+    first: dict[str, Any] = errors[0]
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return InvalidRequestError(f"the request body is not valid JSON ({detail})" if detail
+                                   else "the request body is not valid JSON", code="invalid_json")
+    param = field_path(loc)
+    if param is None:
+        message = ("the request body is required: a JSON object" if kind == "missing"
+                   else "the request body must be a JSON object")
+        return InvalidRequestError(message)
+    if kind == "extra_forbidden":
+        return InvalidRequestError(f"unknown field {param!r}", param=param)
+    if kind == "missing":
+        return InvalidRequestError(f"{param} is required", param=param)
+    return InvalidRequestError(f"{param}: {first.get('msg', 'invalid value')}", param=param)
+
+
+def as_jv4_error(exc: Exception) -> Jv4Error | None:
+    """The error tree member for ``exc``; None for framework HTTP errors rendered as they are."""
+    if isinstance(exc, Jv4Error):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):
+        return exc.__cause__ if isinstance(exc.__cause__, Jv4Error) else None
+    return None
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    error = as_jv4_error(exc)
+    if error is None and isinstance(exc, HTTPException):  # unknown route, wrong method
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
+        return Response(orjson.dumps(body), status_code=exc.status_code, headers=exc.headers,
+                        media_type="application/json")
+    if error is None:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        error = Jv4Error("internal error")
+    elif error.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
+    request.state.error_type = error.type
+    return error_response(error)
+
+
+def install_error_handler(app: FastAPI) -> None:
+    """Route every exception kind to :func:`handle_error`."""
+    for kind in (Jv4Error, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, handle_error)
