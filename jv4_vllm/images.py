@@ -26,7 +26,6 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Union
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -37,7 +36,7 @@ from .types import ImageInput
 
 __all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_image", "load_image", "read_image"]
 
-ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike[str], Image.Image]
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _PASS_THROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
-
 from images_util import make_image, png_bytes
 from jv4_vllm.config import Config
 from jv4_vllm.engine import Engine
@@ -328,8 +328,6 @@ def test_response_rendering_matches_the_documented_shapes() -> None:
     rng = np.random.default_rng(0)
     vectors = [rng.standard_normal(32).astype(np.float32) for _ in range(2)]
     result = EmbedResult(embeddings=vectors, prompt_tokens=7)
-    import orjson
-
     floats = orjson.loads(EmbeddingsResponse.render(result, model="m", embedding_type="float", multivector=False))
     assert floats["object"] == "list" and floats["model"] == "m"
     assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
@@ -96,7 +97,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def create_app(config: Config, engine: "Engine | None" = None) -> FastAPI:
+def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     """The router app. Without ``engine`` it starts one from ``config`` (and closes it) in its lifespan."""
     keys = ApiKeys.from_config(config.router)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from ..config import RouterConfig
 from ..errors import AuthenticationError
@@ -23,7 +23,7 @@ class ApiKeys:
         self._keys = [key.encode("utf-8") for key in {k.strip() for k in keys} if key]
 
     @classmethod
-    def from_config(cls, router: RouterConfig, environ: Mapping[str, str] | None = None) -> "ApiKeys":
+    def from_config(cls, router: RouterConfig, environ: Mapping[str, str] | None = None) -> ApiKeys:
         """Comma-separated keys from ``router.api_keys_env``, plus one key per line of ``api_keys_file``."""
         env = os.environ if environ is None else environ
         keys = env.get(router.api_keys_env, "").split(",") if router.api_keys_env else []

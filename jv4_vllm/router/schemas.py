@@ -11,7 +11,8 @@ millions of Python floats is what makes large responses slow.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -79,16 +80,14 @@ def _input_kind(value: Any) -> str | None:
 
 
 InputItem = Annotated[
-    Union[
-        Annotated[StrictStr, Tag("string")],
-        Annotated[TextObject, Tag("text-object")],
-        Annotated[ImageObject, Tag("image-object")],
-    ],
+    Annotated[StrictStr, Tag("string")]
+    | Annotated[TextObject, Tag("text-object")]
+    | Annotated[ImageObject, Tag("image-object")],
     Discriminator(_item_kind, custom_error_type="invalid_input",
                   custom_error_message='each input must be a string, {"text": ...} or {"image": ...}'),
 ]
 InputField = Annotated[
-    Union[Annotated[StrictStr, Tag("one-string")], Annotated[list[InputItem], Tag("list"), Field(min_length=1)]],
+    Annotated[StrictStr, Tag("one-string")] | Annotated[list[InputItem], Tag("list"), Field(min_length=1)],
     Discriminator(_input_kind, custom_error_type="invalid_input",
                   custom_error_message="input must be a string or a non-empty list"),
 ]
