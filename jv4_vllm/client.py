@@ -137,7 +137,7 @@ class AsyncClient:
         values = [texts] if single else list(texts)
         for index, text in enumerate(values):
             if not isinstance(text, str) or not text.strip():
-                raise InvalidRequestError(f"texts[{index}] must be a non-empty string", param=f"input[{index}]")
+                raise InvalidRequestError(f"input[{index}] must be a non-empty string", param=f"input[{index}]")
         options = _options(task, prompt_name, truncate_dim, return_multivector, truncate)
         result = await self._run([TextInput(t) for t in values], options, batch_size, show_progress)
         return result[0] if single else result

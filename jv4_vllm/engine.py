@@ -122,6 +122,12 @@ class Engine:
             if isinstance(item, TextInput):
                 if not item.text or not item.text.strip():
                     raise InvalidRequestError(f"input[{index}] is an empty string", param=f"input[{index}]")
+                if not item.text.isascii():
+                    try:
+                        item.text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise InvalidRequestError(f"input[{index}] is not valid Unicode (lone surrogate)",
+                                                  param=f"input[{index}]") from None
                 text_indices.append(index)
             elif isinstance(item, ImageInput):
                 calls.append(_Call([index], runtime.prompts.image_body(item), True))

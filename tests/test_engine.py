@@ -22,7 +22,7 @@ TEXTS = [
     "北京是中华人民共和国的首都。",
     "Москва — столица России.",
     "def add(a, b):\n    return a + b",
-    " ".join(f"sentence {i} about embeddings, retrieval and late interaction." for i in range(40)),
+    " ".join(f"sentence {i} about embeddings, retrieval and late interaction." for i in range(12)),
 ]
 ROLES = {"retrieval": ("query", "passage"), "text-matching": ("query",), "code": ("query", "passage")}
 SINGLE_MIN, ROW_MIN = 0.9999, 0.999
