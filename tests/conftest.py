@@ -71,3 +71,9 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest 
     terminalreporter.section("parity with the reference encoder (min cosine)")
     for path, case, kind, count, cosine in PARITY_ROWS:
         terminalreporter.write_line(f"{path:<14} {case:<34} {kind:<8} n={count:<4} min cos {cosine:.7f}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a whole stack of their own run first, before the shared deployments are up:
+    both at once would not fit in memory on a small machine."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_stack") else 1)

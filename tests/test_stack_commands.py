@@ -1,0 +1,66 @@
+"""`jv4-vllm up` and `scripts/demo.sh` as users run them: start, answer, stop, leave nothing behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vllm_stack import free_port, wait_ready, write_config
+
+pytestmark = [pytest.mark.vllm, pytest.mark.own_stack, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    """PIDs whose command line contains ``needle`` (the unique ports of this test's stack)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def test_up_starts_and_stops_everything(stack_config, tmp_path):
+    port = free_port()
+    one_task = stack_config.model_copy(update={
+        "deployments": {"retrieval": stack_config.deployments["retrieval"].model_copy(
+            update={"urls": [f"http://127.0.0.1:{port}"], "port": port})},
+        "router": stack_config.router.model_copy(update={"port": free_port()}),
+        "log_dir": tmp_path / "logs",
+    })
+    path = write_config(one_task, tmp_path / "up.yaml")
+    up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{one_task.router.port}"
+    try:
+        wait_ready(url, up, timeout_s=420)
+        seen = [up.stdout.readline() for _ in range(3)]  # up announces readiness itself
+        assert any(line.startswith("ready:") for line in seen), seen
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": "hello", "task": "retrieval.query"}, timeout=60)
+        assert response.status_code == 200
+        assert processes_mentioning(f"--port {port}"), "the vLLM child should be running"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output
+    assert "stopping the stack" in output
+    assert processes_mentioning(f"--port {port}") == []
+    assert processes_mentioning(str(path)) == []
+
+
+def test_demo_script_exits_zero():
+    result = subprocess.run(["scripts/demo.sh"], cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "text  ->" in result.stdout and "image ->" in result.stdout
