@@ -1,0 +1,101 @@
+"""Closed-loop load: ``concurrency`` workers, each sending its next request as soon as the last returns.
+
+Workers stop starting requests after ``duration_s``; requests in flight are drained and
+counted, so the elapsed time always covers whole requests (a slow backend at high
+concurrency makes a cell last longer than ``duration_s``, never report a partial batch).
+"""
+
+from __future__ import annotations
+
+import time
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+import psutil
+
+from .paths import Outcome
+
+__all__ = ["CpuMeter", "Measurement", "closed_loop", "percentile_ms"]
+
+
+@dataclass(slots=True)
+class Measurement:
+    requests: int = 0
+    items: int = 0
+    tokens: int = 0
+    wire_bytes: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    seconds: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds used in the cell
+
+    def add(self, outcome: Outcome, latency_s: float) -> None:
+        self.requests += 1
+        self.items += outcome.items
+        self.tokens += outcome.tokens
+        self.wire_bytes += outcome.wire_bytes
+        self.latencies_s.append(latency_s)
+
+    def fail(self, error: BaseException) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = f"{type(error).__name__}: {error}"[:300]
+
+
+def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(latencies_s, q) * 1000) if latencies_s else None
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) of named processes, read around each cell."""
+
+    def __init__(self) -> None:
+        self._processes: dict[str, psutil.Process] = {}
+
+    def watch(self, name: str, pid: int) -> None:
+        self._processes[name] = psutil.Process(pid)
+
+    def forget(self, name: str) -> None:
+        self._processes.pop(name, None)
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for name, process in self._processes.items():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            out[name] = times.user + times.system
+        return out
+
+
+async def closed_loop(send: Callable[[Any], Awaitable[Outcome]], requests: Sequence[Any], concurrency: int,
+                      duration_s: float, meter: CpuMeter | None = None) -> Measurement:
+    """Run ``concurrency`` workers over ``requests`` (cycled; worker k starts at k) for ``duration_s``."""
+    result = Measurement()
+    cpu_before = meter.read() if meter else {}
+    start = time.perf_counter()
+    deadline = start + duration_s
+
+    async def worker(k: int) -> None:
+        position = k
+        while time.perf_counter() < deadline:
+            request = requests[position % len(requests)]
+            position += concurrency
+            began = time.perf_counter()
+            try:
+                outcome = await send(request)
+            except Exception as error:  # a failing request is reported, not fatal
+                result.fail(error)
+                continue
+            result.add(outcome, time.perf_counter() - began)
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    result.seconds = time.perf_counter() - start
+    if meter:
+        after = meter.read()
+        result.cpu_s = {name: after[name] - cpu_before[name] for name in after if name in cpu_before}
+    return result

@@ -1,0 +1,178 @@
+"""The ways to get embeddings that the benchmark puts side by side.
+
+Every path turns a list of workload indices into one request (built before the clock
+starts) and returns an :class:`Outcome`. The direct vLLM paths stop at the wire (decoded
+hidden states, no pooling); :meth:`VllmPath.vectors` pools them afterwards, only for the
+cross-path equality check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import orjson
+
+from .. import pooling
+from ..engine import POOLING_PATH, Engine
+from ..prompts import PromptBuilder
+from ..spec import TaskSpec
+from ..types import EmbedOptions, TextInput
+from ..wire import decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
+from .workloads import Workload
+
+__all__ = ["EnginePath", "Outcome", "ReferencePath", "RouterPath", "VllmPath", "json_post"]
+
+Mode = Literal["single", "multi"]
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass(slots=True)
+class Outcome:
+    items: int
+    tokens: int
+    wire_bytes: int  # request + response bytes on the hop this path's client talks over
+    arrays: list[np.ndarray]
+
+
+class HttpError(RuntimeError):
+    """A non-2xx answer; the cell counts it as an error."""
+
+
+async def json_post(http: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+    response = await http.post(url, content=body, headers=JSON_HEADERS)
+    if response.status_code >= 400:
+        raise HttpError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+    return response
+
+
+class VllmPath:
+    """POST /pooling straight to vLLM: the engine's own request bodies, JSON floats or fp16 bytes."""
+
+    per_mode = False  # the wire does not depend on single/multi
+
+    def __init__(self, name: str, url: str, served_name: str, spec: TaskSpec, prompts: PromptBuilder,
+                 http: httpx.AsyncClient, encoding: Literal["float", "bytes"]) -> None:
+        self.name = name
+        self._url = url.rstrip("/") + POOLING_PATH
+        self._spec, self._prompts, self._http = spec, prompts, http
+        wire = pooling_wire_fields("float16") if encoding == "bytes" else {"encoding_format": "float"}
+        self._fields = {**wire, "task": "token_embed", "use_activation": False, "model": served_name}
+        self._bytes = encoding == "bytes"
+
+    def request(self, workload: Workload, mode: Mode, indices: list[int]) -> list[bytes]:
+        """One /pooling body per image (one conversation per call), one body for all texts."""
+        if workload.is_image:
+            bodies = [self._prompts.image_body(image) for image in workload.images(indices)]
+        else:
+            bodies = [PromptBuilder.text_body([workload.token_ids[i] for i in indices])]
+        return [orjson.dumps({**body, **self._fields}) for body in bodies]
+
+    async def send(self, bodies: list[bytes]) -> Outcome:
+        parts = await asyncio.gather(*(self._one(body) for body in bodies))
+        arrays = [a for part in parts for a in part.arrays]
+        return Outcome(len(arrays), sum(p.tokens for p in parts), sum(p.wire_bytes for p in parts), arrays)
+
+    async def _one(self, body: bytes) -> Outcome:
+        response = await json_post(self._http, self._url, body)
+        if self._bytes:
+            metadata = response.headers["metadata"]
+            arrays, tokens = decode_pooling_bytes(response.content, metadata)
+            wire = len(body) + len(response.content) + len(metadata)
+        else:
+            arrays, tokens = decode_pooling_json(orjson.loads(response.content))
+            wire = len(body) + len(response.content)
+        return Outcome(len(arrays), tokens, wire, arrays)
+
+    def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
+        """Pool the decoded hidden states exactly as the engine does (for the equality check)."""
+        spec, out = self._spec, []
+        for rows in outcome.arrays:
+            if mode == "multi":
+                out.append(pooling.multi_vector(rows, spec.projector_weight, spec.projector_bias))
+                continue
+            start, stop = self._prompts.vision_span(rows.shape[0]) if workload.is_image else (0, None)
+            out.append(pooling.single_vector(rows, start=start, stop=stop))
+        return out
+
+
+class EnginePath:
+    """The engine in-process (what ``AsyncClient.direct`` runs)."""
+
+    per_mode = True
+
+    def __init__(self, engine: Engine, task: str) -> None:
+        self.name = "engine"
+        self._engine, self._task = engine, task
+
+    def request(self, workload: Workload, mode: Mode, indices: list[int]) -> tuple[list[Any], EmbedOptions]:
+        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        return [workload.items[i] for i in indices], options
+
+    async def send(self, request: tuple[list[Any], EmbedOptions]) -> Outcome:
+        items, options = request
+        result = await self._engine.embed(items, options)
+        return Outcome(len(items), result.prompt_tokens, 0, result.embeddings)
+
+    def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
+        return outcome.arrays
+
+
+class RouterPath:
+    """The full router over HTTP, answering base64 float32 (the OpenAI SDK's default)."""
+
+    per_mode = True
+
+    def __init__(self, url: str, model: str, task: str, http: httpx.AsyncClient, name: str = "router") -> None:
+        self.name = name
+        self._url = url.rstrip("/") + "/v1/embeddings"
+        self._model, self._task, self._http = model, task, http
+
+    def request(self, workload: Workload, mode: Mode, indices: list[int]) -> bytes:
+        inputs = [{"text": item.text} if isinstance(item, TextInput)
+                  else {"image": base64.b64encode(item.data).decode("ascii")}
+                  for item in (workload.items[i] for i in indices)]
+        return orjson.dumps({"model": self._model, "input": inputs, "task": f"{self._task}.{workload.role}",
+                             "embedding_type": "base64", "return_multivector": mode == "multi"})
+
+    async def send(self, body: bytes) -> Outcome:
+        response = await json_post(self._http, self._url, body)
+        payload = orjson.loads(response.content)
+        arrays = [_decode_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])]
+        return Outcome(len(arrays), int(payload["usage"]["prompt_tokens"]), len(body) + len(response.content),
+                       arrays)
+
+    def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
+        return outcome.arrays
+
+
+def _decode_item(entry: dict[str, Any]) -> np.ndarray:
+    if "embeddings" in entry:
+        return np.frombuffer(base64.b64decode(entry["embeddings"]), dtype="<f4").reshape(entry["shape"])
+    return np.frombuffer(base64.b64decode(entry["embedding"]), dtype="<f4")
+
+
+class ReferencePath:
+    """transformers on the unmerged checkpoint, LoRA applied on the fly; blocking, batches of ``batch``."""
+
+    def __init__(self, source: str, task: str, batch: int) -> None:
+        from ..reference import ReferenceEncoder  # torch + transformers: only when this path runs
+
+        self.name = "reference"
+        self._encoder = ReferenceEncoder(source, batch_size=batch)
+        self._task = task
+
+    def encode(self, workload: Workload, mode: Mode, indices: list[int]) -> list[np.ndarray]:
+        multi = mode == "multi"
+        if workload.is_image:
+            images = [image.data for image in workload.images(indices)]
+            out = self._encoder.encode_image(images, task=self._task, return_multivector=multi)
+        else:
+            out = self._encoder.encode_text(workload.texts(indices), task=self._task, prompt_name=workload.role,
+                                            return_multivector=multi)
+        return list(out)
+
