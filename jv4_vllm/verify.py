@@ -27,7 +27,7 @@ PROBE_TEXTS = {
     "zh": "向量检索把文本和图像映射到同一个空间。",
     "ar": "تعمل نماذج التضمين على تحويل النص إلى متجهات.",
     "code": "def mean(xs):\n    return sum(xs) / len(xs)",
-    "en-long": " ".join(["Long documents are split into passages before they are embedded."] * 30),
+    "en-long": " ".join(["Long documents are split into passages before they are embedded."] * 14),
 }
 IMAGE_SIZES = {"square-small": (56, 56), "wide": (320, 128), "tall": (96, 288), "square-448": (448, 448)}
 ROLE_OF = {"retrieval": "passage", "code": "query", "text-matching": "query"}

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
-
 import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
 
 from images_util import make_image, png_bytes
-from vllm_stack import wait_ready, write_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -26,23 +22,6 @@ MIN_COS = 0.9999
 def cos(a, b) -> np.ndarray:  # noqa: ANN001
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-@pytest.fixture(scope="session")
-def router_url(vllm_stack, tmp_path_factory):
-    """`jv4-vllm router` as its own process, as users run it."""
-    path = write_config(vllm_stack, tmp_path_factory.mktemp("router") / "config.yaml")
-    log = open(path.with_suffix(".log"), "wb")
-    process = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(path)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://{vllm_stack.router.host}:{vllm_stack.router.port}"
-    try:
-        wait_ready(url, process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="session")
