@@ -85,7 +85,7 @@ def test_every_path_returns_the_same_vectors(bench_out, report):
     for workload, mode in itertools.product(WORKLOADS, MODES):
         by_path = {path: [vectors[f"{workload}/{mode}/{path}/{i}"] for i in range(probes)] for path in ALL_PATHS}
         for a, b in itertools.combinations(ALL_PATHS, 2):
-            for x, y in zip(by_path[a], by_path[b]):
+            for x, y in zip(by_path[a], by_path[b], strict=True):
                 x, y = np.atleast_2d(x).astype(np.float64), np.atleast_2d(y).astype(np.float64)
                 assert x.shape == y.shape, (workload, mode, a, b)
                 cosine = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))

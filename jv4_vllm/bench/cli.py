@@ -7,8 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .settings import ALL_PATHS, MODES, WORKLOADS, BenchSettings
 
@@ -71,10 +71,10 @@ def parse_args(argv: Sequence[str]) -> BenchSettings:
     p.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server argument (repeatable)")
     a = p.parse_args(list(argv))
     return BenchSettings(
-        source=a.source.resolve(), prepared=a.prepared.resolve(), out=a.out.resolve(), task=a.task, vllm_url=a.vllm_url, dtype=a.dtype,
-        max_model_len=a.max_model_len, paths=a.paths, workloads=a.workloads, modes=a.modes,
-        concurrency=a.concurrency, duration_s=a.duration, warmup_requests=a.warmup_requests, batch=a.batch,
-        reference_batch=a.reference_batch, query_tokens=a.query_tokens, passage_tokens=a.passage_tokens,
+        source=a.source.resolve(), prepared=a.prepared.resolve(), out=a.out.resolve(), task=a.task,
+        vllm_url=a.vllm_url, dtype=a.dtype, max_model_len=a.max_model_len, paths=a.paths, workloads=a.workloads,
+        modes=a.modes, concurrency=a.concurrency, duration_s=a.duration, warmup_requests=a.warmup_requests,
+        batch=a.batch, reference_batch=a.reference_batch, query_tokens=a.query_tokens, passage_tokens=a.passage_tokens,
         image_size=a.image_size, pool_size=a.pool_size, probe_items=a.probe_items, ceiling_s=a.ceiling,
         ceiling_concurrency=a.ceiling_concurrency, profile_s=a.profile, seed=a.seed,
         extra_vllm_args=tuple(a.vllm_arg))

@@ -7,10 +7,11 @@ concurrency makes a cell last longer than ``duration_s``, never report a partial
 
 from __future__ import annotations
 
-import time
 import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import psutil

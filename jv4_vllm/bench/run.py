@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from ..config import Config
 from ..engine import Engine
 from ..prompts import PromptBuilder
 from ..spec import load_task_spec
@@ -81,20 +82,15 @@ class _Runner:
         config = bench_config(s)
         spec = load_task_spec(config.task_dir(s.task))
         prompts = PromptBuilder(spec)
-        workloads = [build_workload(name, prompts, count=s.pool_size, query_tokens=s.query_tokens,
-                                    passage_tokens=s.passage_tokens, image_size=s.image_size, seed=s.seed)
-                     for name in s.workloads]
+        workloads = {name: build_workload(name, prompts, count=s.pool_size, query_tokens=s.query_tokens,
+                                          passage_tokens=s.passage_tokens, image_size=s.image_size, seed=s.seed)
+                     for name in s.workloads}
         if "reference" in s.paths:
             log.info("loading the reference encoder")
             self.reference = ReferencePath(str(s.source), s.task, s.reference_batch)
-        if s.vllm_url is None:
-            log.info("starting vLLM (%s)", s.task)
-            vllm, vllm_url = self.stack.start_vllm(config, s.task)
-            self.meter.watch("vllm", vllm.process.pid)
-        else:
-            vllm, vllm_url = None, s.vllm_url
+        vllm_url = self._start_vllm(config)
         served = config.served_name(s.task)
-        for name, encoding in zip(DIRECT_PATHS, ("float", "bytes")):
+        for name, encoding in zip(DIRECT_PATHS, ("float", "bytes"), strict=True):
             if name in s.paths:
                 self.paths[name] = VllmPath(name, vllm_url, served, spec, prompts, http, encoding)
         engine = await Engine.start(config) if "engine" in s.paths else None
@@ -106,27 +102,33 @@ class _Runner:
                 router, router_url = self.stack.start_router(config, "bench-router")
                 self.meter.watch("router", router.process.pid)
                 self.paths["router"] = RouterPath(router_url, config.model_name, s.task, http)
-            for workload in workloads:
+            for workload in workloads.values():
                 await self._probe(workload)
-            if s.ceiling_s > 0:  # recorded answers for the replay upstreams
-                recorder = VllmPath("vllm-bytes", vllm_url, served, spec, prompts, http, "bytes")
-                for workload in workloads:
-                    if workload.name in ("query", "passage"):
-                        body = recorder.request(workload, "single", [0])[0]
-                        recordings[workload.name] = await record_response(http, vllm_url, body, s.out / "logs",
-                                                                          workload.name)
-            for workload in workloads:
+            if s.ceiling_s > 0:  # real answers for the replay upstreams
+                recorder = VllmPath("recorder", vllm_url, served, spec, prompts, http, "bytes")
+                for name in ("query", "passage"):
+                    if name in workloads:
+                        body = recorder.request(workloads[name], "single", [0])[0]
+                        recordings[name] = await record_response(http, vllm_url, body, s.out / "logs", name)
+            for workload in workloads.values():
                 await self._measure_workload(workload)
         finally:
             if engine is not None:
                 await engine.aclose()
         self.stack.close()  # frees the cores and memory before the ceiling runs
-        self.meter = CpuMeter()
         if recordings:
-            self.result.ceiling = await measure_ceiling(s, self.stack, http, {w.name: w for w in workloads},
-                                                        recordings, spec, prompts)
+            self.result.ceiling = await measure_ceiling(s, self.stack, http, workloads, recordings, spec, prompts)
         self.result.seconds = time.perf_counter() - began
         return self.result
+
+    def _start_vllm(self, config: Config) -> str:
+        """The deployment's URL: the one given, or one started here (its CPU time is then watched)."""
+        if self.settings.vllm_url is not None:
+            return self.settings.vllm_url
+        log.info("starting vLLM (%s)", self.settings.task)
+        child, url = self.stack.start_vllm(config, self.settings.task)
+        self.meter.watch("vllm", child.process.pid)
+        return url
 
     # -- equality of the paths ----------------------------------------------------------------
     async def _probe(self, workload: Workload) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..images import decode_image
 from ..config import LimitsConfig
+from ..images import decode_image
 from ..prompts import PromptBuilder
 from ..types import ImageInput, Item, Role, TextInput
 
