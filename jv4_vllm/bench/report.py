@@ -267,7 +267,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.plot([r["concurrency"] for r in found], [r["items_per_s"] for r in found], style, color=color,
                         marker="o", markersize=3, label=name)
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{workload}, {mode}-vector", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.set_xticks(sorted(s["concurrency"]), [str(c) for c in sorted(s["concurrency"])])
