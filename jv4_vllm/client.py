@@ -22,7 +22,7 @@ from .config import Config, LimitsConfig, load_config
 from .engine import Engine
 from .errors import InvalidRequestError, error_from_body
 from .images import ImageSource, load_image
-from .types import EmbedOptions, EmbedResult, ImageInput, Item, TextInput, parse_task
+from .types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
 
 __all__ = ["AsyncClient", "Client"]
 

@@ -13,7 +13,6 @@ must merge to the same weights.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
+
+from .shards import write_json
 
 __all__ = ["build_demo_checkpoint", "KEY_STYLES", "TASK_NAMES"]
 
@@ -140,11 +141,11 @@ def build_demo_checkpoint(
     lora = _lora_weights(config, weights, generator)
 
     save_file(_rename(weights, key_style), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     _write_adapters(out / "adapters", lora, key_style)
     tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", _tokenizer_config())
-    _write_json(out / "preprocessor_config.json", _preprocessor_config())
+    write_json(out / "tokenizer_config.json", _tokenizer_config())
+    write_json(out / "preprocessor_config.json", _preprocessor_config())
     return out
 
 
@@ -343,7 +344,7 @@ def _write_adapters(folder: Path, lora: dict[str, torch.Tensor], key_style: str)
         ),
         "base_model_name_or_path": None,
     }
-    _write_json(folder / "adapter_config.json", adapter_config)
+    write_json(folder / "adapter_config.json", adapter_config)
     save_file(
         _rename(lora, key_style, prefix="base_model.model."),
         str(folder / "adapter_model.safetensors"),
@@ -392,7 +393,3 @@ def _preprocessor_config() -> dict[str, Any]:
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "merge_size": MERGE_SIZE,
     }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

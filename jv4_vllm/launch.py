@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 import httpx
 
@@ -18,7 +18,7 @@ from .config import Config
 from .launch_args import local_command
 from .spec import SPEC_FILE
 
-__all__ = ["Child", "serve_adapter", "start_deployment", "stop_children", "up"]
+__all__ = ["Child", "serve_adapter", "start_deployment", "stop_children", "up", "wait_ready"]
 
 STOP_GRACE_S = 20.0
 
@@ -100,17 +100,18 @@ class _Stop(Exception):
     pass
 
 
-def _wait_ready(url: str, children: list[Child], timeout_s: float) -> None:
+def wait_ready(url: str, check_alive: Callable[[], None], timeout_s: float) -> None:
+    """Poll ``url``/ready until it answers 200; ``check_alive`` raises if a process died meanwhile."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _check_alive(children)
+        check_alive()
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1.0)
-    raise TimeoutError(f"the stack was not ready after {timeout_s:.0f} s; see the logs in the log directory")
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready after {timeout_s:.0f} s")
 
 
 def _check_alive(children: list[Child]) -> None:
@@ -136,7 +137,7 @@ def up(config: Config, config_path: Path) -> int:
         children.append(_spawn("router", router_cmd, dict(os.environ), config.log_dir))
         url = _router_url(config)
         print(f"starting {len(children) - 1} vLLM deployments and the router (logs in {config.log_dir}/)", flush=True)
-        _wait_ready(url, children, config.backend.startup_timeout_s)
+        wait_ready(url, lambda: _check_alive(children), config.backend.startup_timeout_s)
         print(f"ready: {url}/v1/embeddings", flush=True)
         print(f"  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{config.model_name}\", \"input\": [\"hello\"], \"task\": \"retrieval.query\"}}'",

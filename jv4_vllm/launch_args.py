@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import PurePosixPath
 
+from .chat_template import CHAT_TEMPLATE_FILE
 from .config import Config
 
 __all__ = ["CHAT_TEMPLATE_FILE", "POOLER_CONFIG", "local_command", "vllm_args", "vllm_serve_command"]
 
-CHAT_TEMPLATE_FILE = "jv4_chat_template.jinja"
 # token_embed returns one row per prompt token; use_activation=false keeps the raw
 # hidden states (vLLM L2-normalises token_embed rows by default, the reference pools raw).
 POOLER_CONFIG = {"task": "token_embed", "use_activation": False}

@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from .chat_template import CHAT_TEMPLATE_FILE, render_chat_template
+from .shards import ShardWriter, stream_tensors, write_json
+from .spec import SPEC_FILE
+
 __all__ = ["prepare", "PrepareError", "IMAGE_PROMPT_TEXT"]
 
 IMAGE_PROMPT_TEXT = "Describe the image."
-CHAT_TEMPLATE_FILE = "jv4_chat_template.jinja"
 PROJECTOR_FILE = "multi_vector_projector.safetensors"
 PROJECTOR = "multi_vector_projector"
-MAX_SHARD_BYTES = 2 * 1024**3
 
 # Tokenizer and processor files copied verbatim when the source has them.
 _SIDE_FILES = (
@@ -292,10 +294,10 @@ def _write_task(src: _Source, task: str, source_label: str, folder: Path) -> Non
         a, b = lora[key]
         return tensor.float() + src.scaling * (b @ a)
 
-    writer = _ShardWriter(folder)
+    writer = ShardWriter(folder)
     weight_key, bias_key = src.projector
     projector: dict[str, torch.Tensor] = {}
-    for key, tensor in _stream(src.shards):
+    for key, tensor in stream_tensors(src.shards):
         if key == weight_key:
             projector["weight"] = merged_fp32(key, tensor)
         elif key == bias_key:
@@ -308,89 +310,12 @@ def _write_task(src: _Source, task: str, source_label: str, folder: Path) -> Non
     config = {k: v for k, v in src.config.items() if k != "auto_map"}
     config["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     config["model_type"] = "qwen2_5_vl"
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
     for name in _SIDE_FILES:
         if (src.root / name).is_file():
             shutil.copy2(src.root / name, folder / name)
-    (folder / CHAT_TEMPLATE_FILE).write_text(_chat_template(src.token_strings), encoding="utf-8")
-    _write_json(folder / "jv4.json", _spec(src, task, source_label, projector["weight"].shape[0]))
-
-
-def _stream(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield base tensors one at a time, in file order."""
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-
-
-class _ShardWriter:
-    """Writes tensors to safetensors shards of bounded size, plus their index."""
-
-    def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
-        self._folder, self._max_bytes = folder, max_bytes or MAX_SHARD_BYTES
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[tuple[Path, list[str]]] = []
-        self._total = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self._max_bytes:
-            self._flush()
-        self._pending[key] = tensor.contiguous()
-        self._pending_bytes += size
-        self._total += size
-
-    def close(self) -> None:
-        """Name the shards and write the index.
-
-        The index is written even for a single shard: without one vLLM loads
-        every `*.safetensors` in the folder, the projector file included.
-        """
-        self._flush()
-        weight_map = {}
-        for i, (path, keys) in enumerate(self._files, start=1):
-            count = len(self._files)
-            name = f"model-{i:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
-            path.rename(self._folder / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        _write_json(
-            self._folder / "model.safetensors.index.json",
-            {"metadata": {"total_size": self._total}, "weight_map": weight_map},
-        )
-
-    def _flush(self) -> None:
-        if not self._pending and self._files:
-            return
-        path = self._folder / f"shard-{len(self._files):05d}.partial"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._files.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
-
-def _chat_template(tokens: dict[str, str]) -> str:
-    """Chat template giving `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, never a generation prompt."""
-    image = tokens["vision_start"] + tokens["image_pad"] + tokens["vision_end"]
-    return (
-        "{%- for message in messages -%}\n"
-        f"{{{{ '{tokens['im_start']}' + message['role'] + '\\n' }}}}\n"
-        "{%- if message['content'] is string -%}\n"
-        "{{ message['content'] }}\n"
-        "{%- else -%}\n"
-        "{%- for part in message['content'] -%}\n"
-        "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}\n"
-        f"{{{{ '{image}' }}}}\n"
-        "{%- elif part['type'] in ('text', 'input_text') -%}\n"
-        "{{ part['text'] }}\n"
-        "{%- else -%}\n"
-        "{{ raise_exception('unsupported content part: ' ~ part['type']) }}\n"
-        "{%- endif -%}\n"
-        "{%- endfor -%}\n"
-        "{%- endif -%}\n"
-        f"{{{{ '{tokens['im_end']}' + '\\n' }}}}\n"
-        "{%- endfor -%}\n"
-    )
+    (folder / CHAT_TEMPLATE_FILE).write_text(render_chat_template(src.token_strings), encoding="utf-8")
+    write_json(folder / SPEC_FILE, _spec(src, task, source_label, projector["weight"].shape[0]))
 
 
 def _spec(src: _Source, task: str, source_label: str, projector_dim: int) -> dict[str, Any]:
@@ -430,7 +355,3 @@ def _publish(tmp: Path, final: Path) -> Path:
     else:
         tmp.rename(final)
     return final
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -28,6 +28,15 @@ ROLES = {"retrieval": ("query", "passage"), "text-matching": ("query",), "code":
 SINGLE_MIN, ROW_MIN = 0.9999, 0.999
 
 
+def worst_row_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Lowest per-row cosine over multi-vectors that must have the same shapes."""
+    worst = 1.0
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        worst = min(worst, float(cosines(g, w).min()))
+    return worst
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.atleast_2d(a).astype(np.float64)
     b = np.atleast_2d(b).astype(np.float64)
@@ -73,10 +82,7 @@ async def test_text_parity(task, wire, fp16_client, bf16_client, reference, pari
             assert cosines(got_d, want_d).min() >= SINGLE_MIN, dim
         got_m = await client.encode_text(TEXTS, task=task, prompt_name=role, return_multivector=True)
         want_m = reference.encode_text(TEXTS, task=task, prompt_name=role, return_multivector=True)
-        worst = 1.0
-        for g, w in zip(got_m, want_m):
-            assert g.shape == w.shape
-            worst = min(worst, float(cosines(g, w).min()))
+        worst = worst_row_cosine(got_m, want_m)
         parity_report.append((f"engine/{wire}", f"{task}.{role} text", "multi", len(TEXTS), worst))
         assert worst >= ROW_MIN
 
@@ -97,10 +103,7 @@ async def test_image_parity(task, wire, fp16_client, bf16_client, reference, ima
     assert cosines(got_d, reference.encode_image(images, task=task, truncate_dim=small)).min() >= SINGLE_MIN
     got_m = await client.encode_image(images, task=task, return_multivector=True)
     want_m = reference.encode_image(images, task=task, return_multivector=True)
-    worst = 1.0
-    for g, w in zip(got_m, want_m):
-        assert g.shape == w.shape
-        worst = min(worst, float(cosines(g, w).min()))
+    worst = worst_row_cosine(got_m, want_m)
     parity_report.append((f"engine/{wire}", f"{task} image", "multi", len(images), worst))
     assert worst >= ROW_MIN
 

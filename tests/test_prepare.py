@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 import jv4_vllm.prepare as prepare_module
+import jv4_vllm.shards as shards_module
 from jv4_vllm.demo_checkpoint import TASK_NAMES, build_demo_checkpoint
 from jv4_vllm.prepare import PrepareError, prepare
 
@@ -174,7 +175,7 @@ def test_sharded_source_gives_bounded_sharded_output(
         save_file({k: tensors[k] for k in part}, source / name)
     weight_map = {k: name for name, part in halves.items() for k in part}
     (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    monkeypatch.setattr(prepare_module, "MAX_SHARD_BYTES", 1 << 20)
+    monkeypatch.setattr(shards_module, "MAX_SHARD_BYTES", 1 << 20)
 
     prepare(source, tmp_path / "out", ["text-matching"])
     folder = tmp_path / "out/text-matching"
@@ -303,7 +304,7 @@ def test_failure_while_writing_keeps_earlier_output(
     def broken(tokens: dict[str, str]) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare_module, "_chat_template", broken)
+    monkeypatch.setattr(prepare_module, "render_chat_template", broken)
     with pytest.raises(OSError, match="disk full"):
         prepare(demo_source, out)
     _assert_untouched(out, ["retrieval"])

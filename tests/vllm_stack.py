@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from jv4_vllm.config import Config
+from jv4_vllm import launch
 from jv4_vllm.launch import Child, start_deployment, stop_children
 
 TASKS = ("retrieval", "text-matching", "code")
@@ -110,14 +111,9 @@ def write_config(config: Config, path: Path) -> Path:
 
 
 def wait_ready(url: str, process=None, timeout_s: float = 120.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Until ``url``/ready answers 200; fails at once if ``process`` exits."""
+    def check_alive() -> None:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+    launch.wait_ready(url, check_alive, timeout_s)
