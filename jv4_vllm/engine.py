@@ -205,7 +205,7 @@ class Engine:
         except (json.JSONDecodeError, AttributeError, ValueError):
             message = response.text[:300]
         where = ", ".join(f"input[{i}]" for i in call.indices[:8])
-        if 400 <= response.status_code < 500:
+        if response.status_code in (400, 413, 422):  # about the input; 401/404 mean a misconfigured deployment
             kind = "the image" if call.is_image else "the input"
             return InvalidRequestError(f"{where}: the model rejected {kind}: {message}", param=f"input[{call.indices[0]}]")
         return BackendError(f"{where}: backend error {response.status_code}")
