@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,3 +66,26 @@ def test_demo_script_exits_zero():
     result = subprocess.run(["scripts/demo.sh"], cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "text  ->" in result.stdout and "image ->" in result.stdout
+
+
+def test_serve_adapter_prints_its_command_and_serves(stack_config, tmp_path):
+    from jv4_vllm.launch_args import local_command
+    from vllm_stack import wait_healthy
+
+    port = free_port()
+    config = stack_config.model_copy(update={"deployments": {
+        "code": stack_config.deployments["code"].model_copy(update={"urls": [f"http://127.0.0.1:{port}"], "port": port})}})
+    path = write_config(config, tmp_path / "serve.yaml")
+    server = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "serve-adapter", "--config", str(path),
+                               "--task", "code"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              start_new_session=True)
+    try:
+        printed = shlex.split(server.stdout.readline())
+        assert printed == local_command(config, "code", host="0.0.0.0")
+        assert "pooling" in printed and str(port) in printed
+        wait_healthy([f"http://127.0.0.1:{port}"], [])
+        body = {"model": "jina-embeddings-v4-code", "input": "Query: hi", "use_activation": False}
+        assert httpx.post(f"http://127.0.0.1:{port}/pooling", json=body, timeout=60).status_code == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
