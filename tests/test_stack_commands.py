@@ -34,7 +34,8 @@ def processes_mentioning(needle: str) -> list[int]:
     return found
 
 
-def test_up_starts_and_stops_everything(stack_config, tmp_path):
+def _one_task_stack(stack_config, tmp_path: Path):  # noqa: ANN001
+    """`jv4-vllm up` on a one-task config with fresh ports; returns (process, router url, vLLM port, config path)."""
     port = free_port()
     one_task = stack_config.model_copy(update={
         "deployments": {"retrieval": stack_config.deployments["retrieval"].model_copy(
@@ -46,10 +47,15 @@ def test_up_starts_and_stops_everything(stack_config, tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{one_task.router.port}"
+    wait_ready(url, up, timeout_s=420)
+    seen = [up.stdout.readline() for _ in range(3)]  # up announces readiness itself
+    assert any(line.startswith("ready:") for line in seen), seen
+    return up, url, port, path
+
+
+def test_up_starts_and_stops_everything(stack_config, tmp_path):
+    up, url, port, path = _one_task_stack(stack_config, tmp_path)
     try:
-        wait_ready(url, up, timeout_s=420)
-        seen = [up.stdout.readline() for _ in range(3)]  # up announces readiness itself
-        assert any(line.startswith("ready:") for line in seen), seen
         response = httpx.post(f"{url}/v1/embeddings", json={"input": "hello", "task": "retrieval.query"}, timeout=60)
         assert response.status_code == 200
         assert processes_mentioning(f"--port {port}"), "the vLLM child should be running"
@@ -58,6 +64,21 @@ def test_up_starts_and_stops_everything(stack_config, tmp_path):
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "stopping the stack" in output
+    assert processes_mentioning(f"--port {port}") == []
+    assert processes_mentioning(str(path)) == []
+
+
+def test_up_stops_the_stack_when_a_child_dies(stack_config, tmp_path):
+    up, url, port, path = _one_task_stack(stack_config, tmp_path)
+    try:
+        for pid in processes_mentioning(f"--port {port}"):
+            os.kill(pid, signal.SIGKILL)
+        output, _ = up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 1, output
+    assert "vllm-retrieval exited" in output and "stopping the stack" in output
     assert processes_mentioning(f"--port {port}") == []
     assert processes_mentioning(str(path)) == []
 
