@@ -47,6 +47,7 @@ def test_every_cell_ran(report):
         assert row["errors"] == 0, (key, row["first_error"])
         assert row["items"] > 0 and row["items_per_s"] > 0 and row["tokens_per_s"] > 0, key
         assert 0 < row["p50_ms"] <= row["p95_ms"], key
+        assert row["others_cpu_cores"] >= 0, key
         if key[0] in ("vllm-json", "vllm-bytes", "router"):
             assert row["wire_bytes_per_item"] > 0, key
         if key[0] == "router":
@@ -69,8 +70,8 @@ def test_ratios_and_ceiling_are_reported(report, bench_out):
         assert report["ratios"][name]["value"] is not None, name
     passage = report["ceiling"]["passage"]
     assert passage["body_bytes"] == 2 * report["ceiling"]["hidden_size"] * passage["tokens_per_item"]
-    for mode in MODES:
-        summary = passage["router"][mode]
+    assert sorted(passage["router"]) == sorted([*MODES, "multi, 1 BLAS thread"])
+    for summary in passage["router"].values():
         assert summary["errors"] == 0 and summary["items"] > 0
         assert summary["hidden_mb_per_cpu_s"] > 0 and summary["tokens_per_cpu_s"] > 0
     assert report["ceiling"]["query"]["added_p50_ms"] is not None

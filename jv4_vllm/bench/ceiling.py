@@ -33,6 +33,8 @@ __all__ = ["Recording", "measure_ceiling", "record_response"]
 
 log = logging.getLogger(__name__)
 MB = 1e6
+# Multi-vector projection is a BLAS matmul; a multi-threaded BLAS fights the event loop for the cores.
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,8 @@ class _Ceiling:
         return meter, direct, bench_config(self.settings, upstream_url=url), url
 
     def _router(self, config: Config, name: str, meter: CpuMeter | None = None,
-                profile_to: Path | None = None) -> tuple[Any, RouterPath]:
-        child, url = self.stack.start_router(config, name, profile_to=profile_to)
+                profile_to: Path | None = None, env: dict[str, str] | None = None) -> tuple[Any, RouterPath]:
+        child, url = self.stack.start_router(config, name, profile_to=profile_to, env=env)
         if meter is not None:
             meter.watch("router", child.process.pid)
         return child, RouterPath(url, config.model_name, self.settings.task, self.http)
@@ -108,16 +110,19 @@ class _Ceiling:
         log.info("ceiling: replay alone, passages, c=%d", c)
         out["replay_direct"] = _summary(await closed_loop(direct.send, requests, c, s.ceiling_s, meter),
                                         recording, "replay")
-        router, path = self._router(config, "bench-router-replay", meter)
         out["router"] = {}
-        for mode in s.modes:
+        variants = [(mode, mode, None) for mode in s.modes]
+        if "multi" in s.modes:
+            variants.append(("multi, 1 BLAS thread", "multi", ONE_BLAS_THREAD))
+        for label, mode, env in variants:
+            router, path = self._router(config, "bench-router-replay", meter, env=env)
             requests = [path.request(passages, mode, [k]) for k in range(pool)]
             for request in requests[:2]:  # warm-up
                 await path.send(request)
-            log.info("ceiling: router + replay, passages, %s, c=%d", mode, c)
-            out["router"][mode] = _summary(await closed_loop(path.send, requests, c, s.ceiling_s, meter),
-                                           recording, "router")
-        self.stack.stop(router)
+            log.info("ceiling: router + replay, passages, %s, c=%d", label, c)
+            out["router"][label] = _summary(await closed_loop(path.send, requests, c, s.ceiling_s, meter),
+                                            recording, "router")
+            self.stack.stop(router)
         if s.profile_s > 0:
             profile = s.out / "router-profile.txt"
             log.info("profiling the router under replay load for %.0f s -> %s", s.profile_s, profile)

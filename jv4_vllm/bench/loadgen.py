@@ -51,16 +51,17 @@ def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds (user + system, all threads) of named processes, read around each cell."""
+    """CPU seconds (user + system, all threads) of named processes and of the whole machine.
+
+    ``others`` in a delta is the machine's busy time not spent in this process or a watched
+    one: other tenants of a shared machine, which make a cell's numbers less trustworthy.
+    """
 
     def __init__(self) -> None:
-        self._processes: dict[str, psutil.Process] = {}
+        self._processes: dict[str, psutil.Process] = {"bench": psutil.Process()}
 
     def watch(self, name: str, pid: int) -> None:
         self._processes[name] = psutil.Process(pid)
-
-    def forget(self, name: str) -> None:
-        self._processes.pop(name, None)
 
     def read(self) -> dict[str, float]:
         out = {}
@@ -70,7 +71,16 @@ class CpuMeter:
             except psutil.Error:
                 continue
             out[name] = times.user + times.system
+        machine = psutil.cpu_times()
+        out["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return out
+
+    @staticmethod
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        used = {name: after[name] - before[name] for name in after if name in before}
+        mine = sum(v for name, v in used.items() if name != "machine")
+        used["others"] = max(0.0, used.get("machine", 0.0) - mine)
+        return used
 
 
 async def closed_loop(send: Callable[[Any], Awaitable[Outcome]], requests: Sequence[Any], concurrency: int,
@@ -97,6 +107,5 @@ async def closed_loop(send: Callable[[Any], Awaitable[Outcome]], requests: Seque
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     result.seconds = time.perf_counter() - start
     if meter:
-        after = meter.read()
-        result.cpu_s = {name: after[name] - cpu_before[name] for name in after if name in cpu_before}
+        result.cpu_s = meter.delta(cpu_before, meter.read())
     return result

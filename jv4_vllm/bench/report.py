@@ -37,6 +37,7 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         "wire_bytes_per_item": _per_item(m.wire_bytes, m.items) if cell.path not in ("engine", "reference") else None,
         "router_cpu_s_per_item": _per_item(m.cpu_s.get("router"), m.items) if cell.path == "router" else None,
         "vllm_cpu_s_per_item": _per_item(m.cpu_s.get("vllm"), m.items) if cell.path != "reference" else None,
+        "others_cpu_cores": m.cpu_s["others"] / m.seconds if "others" in m.cpu_s and m.seconds else None,
         "errors": m.errors, "first_error": m.first_error,
     }
 
@@ -206,6 +207,14 @@ def _parity_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _others(report: dict[str, Any]) -> str:
+    """Mean and worst share of the machine that other processes took during the cells."""
+    shares = [r["others_cpu_cores"] for r in report["results"] if r["others_cpu_cores"] is not None]
+    if not shares:
+        return "an unknown share"
+    return f"{np.mean(shares):.2f} cores on average (worst cell {max(shares):.2f})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
     levels = sorted(s["concurrency"])
@@ -215,7 +224,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), GPU: {m['gpu']}; vLLM {vllm} "
         f"dtype {s['dtype']}, fp16 wire; {s['duration_s']:.0f} s per cell, {s['batch']} item(s) per request; "
         f"tokens per item: {tokens}. Run took {report['seconds']:.0f} s; load average (1 min) "
-        f"{report['load_average_1m_at_start']:.1f} at start, {m['load_average_1m_at_end']:.1f} at end.",
+        f"{report['load_average_1m_at_start']:.1f} at start, {m['load_average_1m_at_end']:.1f} at end; "
+        f"other tenants used {_others(report)} of the cores while cells ran.",
         "",
         *_summary_table(report, levels),
         "",
@@ -227,12 +237,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+_DIGITS = {"router_cpu_s_per_item": 4, "vllm_cpu_s_per_item": 4, "others_cpu_cores": 2}
+
+
 def full_table(report: dict[str, Any]) -> str:
     keys = ["workload", "mode", "path", "concurrency", "batch", "requests", "items", "items_per_s", "tokens_per_s",
-            "p50_ms", "p95_ms", "wire_bytes_per_item", "router_cpu_s_per_item", "vllm_cpu_s_per_item", "errors"]
+            "p50_ms", "p95_ms", "wire_bytes_per_item", "router_cpu_s_per_item", "vllm_cpu_s_per_item",
+            "others_cpu_cores", "errors"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in report["results"]:
-        cells = [row[k] if isinstance(row[k], (str, int)) else _fmt(row[k], 4 if "cpu" in k else 1) for k in keys]
+        cells = [row[k] if isinstance(row[k], (str, int)) else _fmt(row[k], _DIGITS.get(k, 1)) for k in keys]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -183,6 +183,7 @@ class _Runner:
         self.reference.encode(workload, mode, batches[0])  # warm-up
         result = Measurement()
         per_item = self.result.tokens_per_item.get(workload.name, 0.0)
+        cpu_before = self.meter.read()
         start = time.perf_counter()
         for k in itertools.count():
             indices = batches[k % len(batches)]
@@ -197,6 +198,7 @@ class _Runner:
             if time.perf_counter() - start >= s.duration_s:
                 break
         result.seconds = time.perf_counter() - start
+        result.cpu_s = self.meter.delta(cpu_before, self.meter.read())
         return result
 
     def _add(self, cell: Cell) -> None:

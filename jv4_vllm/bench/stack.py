@@ -6,6 +6,7 @@ Every child runs in its own process group and is stopped by its PID with
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import socket
@@ -83,8 +84,9 @@ class Stack:
         self._wait(child, f"{url}/health")
         return child, url
 
-    def start_router(self, config: Config, name: str, profile_to: Path | None = None) -> tuple[Child, str]:
-        """A real router process (``jv4-vllm router``), optionally under pyinstrument."""
+    def start_router(self, config: Config, name: str, profile_to: Path | None = None,
+                     env: dict[str, str] | None = None) -> tuple[Child, str]:
+        """A real router process (``jv4-vllm router``), optionally under pyinstrument or with extra env."""
         config_path = self.log_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         # --log-level too: the CLI configures logging before the router reads its own log_level.
@@ -93,7 +95,7 @@ class Stack:
         if profile_to is not None:
             command = [sys.executable, "-m", "pyinstrument", "--renderer", "text", "--outfile", str(profile_to),
                        *command[1:]]
-        child = self._spawn(name, command)
+        child = self._spawn(name, command, env)
         url = f"http://{config.router.host}:{config.router.port}"
         self._wait(child, f"{url}/ready")
         return child, url
@@ -107,14 +109,14 @@ class Stack:
         self._wait(child, f"{url}/health")
         return child, url
 
-    def _spawn(self, name: str, command: list[str]) -> Child:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "ab")
         log_file.write(f"$ {shlex.join(command)}\n".encode())
         log_file.flush()
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
         child = Child(name, process, log_path, log_file)
         self.children.append(child)
         return child
