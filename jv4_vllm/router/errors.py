@@ -45,7 +45,13 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError(f"the request body is not valid JSON ({detail})" if detail
                                    else "the request body is not valid JSON", code="invalid_json")
     param = field_path(loc)
+    if kind == "string_unicode":  # pydantic cannot read a field NAME holding a lone surrogate
+        where = f"{param}: " if param else "the request body: "
+        return InvalidRequestError(f"{where}a field name is not valid Unicode (lone surrogate)", param=param)
     if param is None:
+        if isinstance(first.get("input"), bytes):  # FastAPI parses JSON only when the content type says so
+            return InvalidRequestError("the request body must be a JSON object sent with "
+                                       "Content-Type: application/json")
         message = ("the request body is required: a JSON object" if kind == "missing"
                    else "the request body must be a JSON object")
         return InvalidRequestError(message)
