@@ -19,6 +19,7 @@ from .settings import BenchSettings
 __all__ = ["build_report", "ratios", "write_outputs"]
 
 KB = 1024
+NOISY_CORES = 0.25  # cells where other processes took more than this are marked in the summary
 
 
 def _per_item(value: float | None, items: int) -> float | None:
@@ -133,6 +134,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _rate(row: dict[str, Any]) -> str:
+    """Items/s, starred when other processes took a noticeable share of the machine during the cell."""
+    noisy = (row["others_cpu_cores"] or 0.0) > NOISY_CORES
+    return _fmt(row["items_per_s"]) + ("*" if noisy else "")
+
+
 def _summary_table(report: dict[str, Any], levels: list[int]) -> list[str]:
     rows = report["results"]
     high, low = levels[-1], levels[0]
@@ -144,9 +151,9 @@ def _summary_table(report: dict[str, Any], levels: list[int]) -> list[str]:
         found = {r["concurrency"]: r for r in rows if (r["workload"], r["mode"], r["path"]) == (workload, mode, path)}
         first, last = found[min(found)], found[max(found)]
         if path == "reference":
-            rates = [f"{_fmt(first['items_per_s'])} (batch {first['batch']})"] + ["-"] * (len(levels) - 1)
+            rates = [f"{_rate(first)} (batch {first['batch']})"] + ["-"] * (len(levels) - 1)
         else:
-            rates = [_fmt(found[c]["items_per_s"]) if c in found else "-" for c in levels]
+            rates = [_rate(found[c]) if c in found else "-" for c in levels]
         wire = first["wire_bytes_per_item"]
         cpu = last["router_cpu_s_per_item"]
         lines.append("| " + " | ".join([
@@ -228,6 +235,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"other tenants used {_others(report)} of the cores while cells ran.",
         "",
         *_summary_table(report, levels),
+        "",
+        f"\\* other processes on the machine used more than {NOISY_CORES} of a core during that cell.",
         "",
         *_ratio_table(report),
     ]
