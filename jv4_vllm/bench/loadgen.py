@@ -53,26 +53,38 @@ def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
 class CpuMeter:
     """CPU seconds (user + system, all threads) of named processes and of the whole machine.
 
-    ``others`` in a delta is the machine's busy time not spent in this process or a watched
-    one: other tenants of a shared machine, which make a cell's numbers less trustworthy.
+    ``others`` in a delta is the machine's busy time (plus time stolen by the hypervisor) not
+    spent in this process or a watched one: other tenants of a shared machine, which make a
+    cell's numbers less trustworthy.
     """
 
     def __init__(self) -> None:
-        self._processes: dict[str, psutil.Process] = {"bench": psutil.Process()}
+        self._processes: dict[str, tuple[psutil.Process, bool]] = {"bench": (psutil.Process(), False)}
 
     def watch(self, name: str, pid: int) -> None:
-        self._processes[name] = psutil.Process(pid)
+        """Watch a process and its descendants (vLLM's API server runs its engine in a child)."""
+        self._processes[name] = (psutil.Process(pid), True)
 
-    def read(self) -> dict[str, float]:
-        out = {}
-        for name, process in self._processes.items():
+    @staticmethod
+    def _seconds(root: psutil.Process, tree: bool) -> float:
+        total = 0.0
+        for process in [root, *root.children(recursive=True)] if tree else [root]:
             try:
                 times = process.cpu_times()
             except psutil.Error:
                 continue
-            out[name] = times.user + times.system
-        machine = psutil.cpu_times()
-        out["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            total += times.user + times.system
+        return total
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for name, (root, tree) in self._processes.items():
+            try:
+                out[name] = self._seconds(root, tree)
+            except psutil.Error:
+                continue
+        t = psutil.cpu_times()
+        out["machine"] = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
         return out
 
     @staticmethod

