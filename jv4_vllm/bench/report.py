@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .loadgen import percentile_ms
 from .run import RAW_MODE, Cell, RunResult
@@ -303,8 +305,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     m = report["machine"]
     fig.suptitle(f"jv4_vllm paths side by side ({m['cpus']} CPU cores, GPU: {m['gpu']})", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=72)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
     plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as image:  # a palette PNG: small enough to commit
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def write_outputs(report: dict[str, Any], result: RunResult, out: Path) -> dict[str, Path]:
