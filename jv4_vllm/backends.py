@@ -20,15 +20,42 @@ from urllib.parse import urlsplit
 
 import dns.asyncresolver
 import dns.exception
-import httpx
+import aiohttp
+import orjson
 
 from .config import BackendSettings
 from .errors import BackendError, BackendTimeoutError, BackendUnavailableError, OverloadedError
 
-__all__ = ["Replica", "ReplicaPool", "ReplicaStats"]
+__all__ = ["BackendResponse", "Replica", "ReplicaPool", "ReplicaStats"]
 
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns+"
+
+
+_JSON = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResponse:
+    """What the engine needs of a replica's answer: status, the bytes-format metadata header, the body."""
+
+    status: int
+    metadata: str | None
+    content: bytes
+
+    def error_message(self) -> str:
+        """vLLM's error text, from its JSON error body when it sent one."""
+        try:
+            detail = orjson.loads(self.content)
+        except orjson.JSONDecodeError:
+            return self.content[:300].decode(errors="replace")
+        if isinstance(detail, dict):
+            error = detail.get("error")
+            if isinstance(error, dict) and error.get("message"):
+                return str(error["message"])
+            if detail.get("message"):
+                return str(detail["message"])
+        return str(detail)[:300]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +109,20 @@ class ReplicaPool:
         self._static = [u.rstrip("/") for u in urls if not u.startswith(DNS_SCHEME)]
         self._dns = [u[len(DNS_SCHEME):].rstrip("/") for u in urls if u.startswith(DNS_SCHEME)]
         self.replicas: list[Replica] = [Replica(url=u, source=u) for u in self._static]
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        )
+        self._session: aiohttp.ClientSession | None = None  # needs a running loop: made in start()
         self._capacity = asyncio.Condition()
         self._waiting = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Resolve names and check health once, then keep both fresh in the background."""
+        # aiohttp rather than httpx: measured under load, it costs the router less than half the
+        # CPU per call. No proxies from the environment: replicas are reached directly.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s,
+                                          connect=self.settings.connect_timeout_s),
+        )
         await self.refresh_dns()
         await self.check_health()
         self._tasks = [asyncio.create_task(self._every(self.settings.health_interval_s, self.check_health))]
@@ -102,7 +133,8 @@ class ReplicaPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
@@ -136,9 +168,10 @@ class ReplicaPool:
 
     async def _probe(self, replica: Replica) -> None:
         try:
-            response = await self._client.get(f"{replica.url}/health", timeout=self.settings.connect_timeout_s)
-            ok = response.status_code == 200
-        except httpx.HTTPError:
+            async with self._http().get(f"{replica.url}/health",
+                                        timeout=aiohttp.ClientTimeout(total=self.settings.connect_timeout_s)) as response:
+                ok = response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
         if ok != replica.healthy:
             log.warning("%s: replica %s is %s", self.task, replica.url, "healthy" if ok else "unhealthy")
@@ -197,11 +230,21 @@ class ReplicaPool:
             replica.in_flight -= 1
             self._capacity.notify()
 
-    async def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("ReplicaPool.start() was not awaited")
+        return self._session
+
+    async def _call(self, replica: Replica, path: str, payload: bytes) -> BackendResponse:
+        async with self._http().post(f"{replica.url}{path}", data=payload, headers=_JSON) as response:
+            return BackendResponse(response.status, response.headers.get("metadata"), await response.read())
+
+    async def post(self, path: str, body: dict[str, Any]) -> BackendResponse:
         """POST to one replica; on a connection failure or 5xx, once more on another.
 
         4xx answers are returned to the caller: they are about the request, not the replica.
         """
+        payload = orjson.dumps(body)
         tried: set[int] = set()
         last_error: Exception | None = None
         for _ in range(2):
@@ -213,12 +256,12 @@ class ReplicaPool:
                 raise
             tried.add(id(replica))
             try:
-                response = await self._client.post(f"{replica.url}{path}", json=body)
-            except httpx.TimeoutException as exc:
+                response = await self._call(replica, path, payload)
+            except asyncio.TimeoutError as exc:
                 last_error = exc
                 replica.failures += 1
                 continue
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:  # refused, reset, or died mid-answer
                 last_error = exc
                 replica.failures += 1
                 replica.healthy = False
@@ -226,13 +269,13 @@ class ReplicaPool:
                 continue
             finally:
                 await self._release(replica)
-            if response.status_code >= 500:
-                last_error = BackendError(f"replica answered {response.status_code}")
+            if response.status >= 500:
+                last_error = BackendError(f"replica answered {response.status}")
                 replica.failures += 1
                 continue
             replica.failures = 0
             return response
-        if isinstance(last_error, httpx.TimeoutException):
+        if isinstance(last_error, asyncio.TimeoutError):
             raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer in time")
         if isinstance(last_error, BackendError):
             raise BackendError(f"task {self.task!r}: the backend failed ({last_error.message})")

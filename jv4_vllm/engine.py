@@ -8,14 +8,13 @@ checked in :meth:`Engine.check` before anything is sent.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from . import pooling
-from .backends import ReplicaPool, ReplicaStats
+from .backends import BackendResponse, ReplicaPool, ReplicaStats
 from .config import Config
 from .errors import BackendError, InputTooLongError, InvalidRequestError
 from .prompts import PromptBuilder
@@ -187,28 +186,23 @@ class Engine:
         body = {**call.body, **self._wire, "task": "token_embed", "use_activation": False,
                 "model": self.config.served_name(runtime.spec.task)}
         response = await runtime.pool.post(POOLING_PATH, body)
-        if response.status_code >= 400:
+        if response.status >= 400:
             raise self._vllm_error(response, call)
-        metadata = response.headers.get("metadata")
-        if metadata is None:
+        if response.metadata is None:
             raise BackendError("the backend answered without the metadata header of a bytes response")
-        rows_list, used = decode_pooling_bytes(response.content, metadata)
+        rows_list, used = decode_pooling_bytes(response.content, response.metadata)
         if len(rows_list) != len(call.indices):
             raise BackendError(f"the backend returned {len(rows_list)} results for {len(call.indices)} inputs")
         return rows_list, used or sum(r.shape[0] for r in rows_list)
 
     @staticmethod
-    def _vllm_error(response, call: _Call) -> Exception:
-        try:
-            detail = response.json()
-            message = detail.get("error", {}).get("message") or detail.get("message") or str(detail)
-        except (json.JSONDecodeError, AttributeError, ValueError):
-            message = response.text[:300]
+    def _vllm_error(response: BackendResponse, call: _Call) -> Exception:
         where = ", ".join(f"input[{i}]" for i in call.indices[:8])
-        if response.status_code in (400, 413, 422):  # about the input; 401/404 mean a misconfigured deployment
+        if response.status in (400, 413, 422):  # about the input; 401/404 mean a misconfigured deployment
             kind = "the image" if call.is_image else "the input"
-            return InvalidRequestError(f"{where}: the model rejected {kind}: {message}", param=f"input[{call.indices[0]}]")
-        return BackendError(f"{where}: backend error {response.status_code}")
+            return InvalidRequestError(f"{where}: the model rejected {kind}: {response.error_message()}",
+                                       param=f"input[{call.indices[0]}]")
+        return BackendError(f"{where}: backend error {response.status}")
 
     @staticmethod
     def _pool(runtime: _TaskRuntime, rows: np.ndarray, is_image: bool, options: EmbedOptions) -> np.ndarray:

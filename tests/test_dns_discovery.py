@@ -151,8 +151,8 @@ async def _burst(pool: ReplicaPool, served: Counter[str]) -> Counter[str]:
     body = {"input": ["def add(a, b): return a + b"], "task": "token_embed", **pooling_wire_fields("float16")}
     responses = await asyncio.gather(*(pool.post("/pooling", body) for _ in range(CALLS)))
     for response in responses:
-        assert response.status_code == 200
-        rows, tokens = decode_pooling_bytes(response.content, response.headers["metadata"])
+        assert response.status == 200
+        rows, tokens = decode_pooling_bytes(response.content, response.metadata)
         np.testing.assert_array_equal(rows[0], ROWS)
         assert tokens == ROWS.shape[0]
     assert sum(served.values()) == CALLS
