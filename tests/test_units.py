@@ -1,0 +1,131 @@
+"""Fast unit tests of the pure modules: pooling math, wire codecs, config twins, the error tree."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from jv4_vllm import pooling, wire
+from jv4_vllm.config import load_config
+from jv4_vllm.errors import (
+    BackendUnavailableError,
+    InputTooLongError,
+    InvalidRequestError,
+    Jv4Error,
+    OverloadedError,
+    error_from_body,
+)
+from jv4_vllm.types import parse_task
+
+RNG = np.random.default_rng(0)
+TASKS = ("retrieval", "text-matching", "code")
+
+
+def test_single_vector_is_normalised_mean_of_the_span():
+    rows = RNG.normal(size=(10, 16)).astype(np.float16)
+    got = pooling.single_vector(rows, start=2, stop=7)
+    want = rows[2:7].astype(np.float64).mean(0)
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_matryoshka_truncates_then_renormalises_and_refuses_other_dims():
+    rows = RNG.normal(size=(4, 16)).astype(np.float32)
+    got = pooling.single_vector(rows, dim=8, allowed_dims=(4, 8, 16))
+    full = pooling.single_vector(rows)
+    np.testing.assert_allclose(got, full[:8] / np.linalg.norm(full[:8]), rtol=1e-6)
+    with pytest.raises(ValueError, match="matryoshka"):
+        pooling.single_vector(rows, dim=5, allowed_dims=(4, 8, 16))
+    with pytest.raises(ValueError, match="empty"):
+        pooling.mean_pool(rows, 3, 3)
+
+
+def test_multi_vector_projects_every_row_and_normalises_each():
+    rows = RNG.normal(size=(5, 16)).astype(np.float16)
+    weight, bias = RNG.normal(size=(4, 16)).astype(np.float32), RNG.normal(size=4).astype(np.float32)
+    got = pooling.multi_vector(rows, weight, bias)
+    want = rows.astype(np.float64) @ weight.T + bias
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+
+
+def _bytes_response(arrays: list[np.ndarray], dtype: str) -> tuple[bytes, str]:
+    """A body and metadata header laid out as vLLM's bytes encoding does."""
+    body, items, offset = b"", [], 0
+    for index, array in enumerate(arrays):
+        if dtype == "bfloat16":
+            raw = (array.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        else:
+            raw = array.astype({"float16": "<f2", "float32": "<f4"}[dtype]).tobytes()
+        items.append({"index": index, "embed_dtype": dtype, "endianness": "little",
+                      "start": offset, "end": offset + len(raw), "shape": list(array.shape)})
+        body, offset = body + raw, offset + len(raw)
+    tokens = sum(a.shape[0] for a in arrays)
+    return body, json.dumps({"data": items[::-1], "usage": {"prompt_tokens": tokens}})
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 0), ("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_decode_pooling_bytes_every_dtype_in_prompt_order(dtype, tolerance):
+    arrays = [RNG.normal(size=(n, 8)).astype(np.float32) for n in (3, 5)]
+    body, metadata = _bytes_response(arrays, dtype)
+    decoded, tokens = wire.decode_pooling_bytes(body, metadata)
+    assert tokens == 8 and [d.shape for d in decoded] == [(3, 8), (5, 8)]
+    for got, want in zip(decoded, arrays):
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=tolerance, atol=tolerance)
+
+
+def test_output_encodings():
+    vector = np.array([0.5, -1.0, 2.0, -0.0, 1e-3, -3.0, 0.25, 7.0, -1.0], dtype=np.float32)
+    assert wire.encode_vector(vector, "float") == pytest.approx(vector.tolist())
+    decoded = np.frombuffer(base64.b64decode(wire.encode_vector(vector, "base64")), "<f4")
+    np.testing.assert_array_equal(decoded, vector)
+    bits = np.packbits(vector > 0)
+    assert wire.encode_vector(vector, "ubinary") == bits.tolist()
+    assert wire.encode_vector(vector, "binary") == (bits.astype(int) - 128).tolist()
+    matrix = RNG.normal(size=(3, 4)).astype(np.float32)
+    packed = wire.encode_multivector(matrix, "base64")
+    assert packed["shape"] == [3, 4]
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(packed["embeddings"]), "<f4").reshape(3, 4), matrix)
+
+
+def test_parse_task_roles_and_errors():
+    assert parse_task("retrieval.passage", TASKS) == ("retrieval", "passage")
+    assert parse_task("code", TASKS) == ("code", "query")
+    assert parse_task("text-matching", TASKS) == ("text-matching", "query")
+    with pytest.raises(InvalidRequestError, match="unknown task") as info:
+        parse_task("summarize", TASKS)
+    assert info.value.param == "task"
+    with pytest.raises(InvalidRequestError, match="unknown role"):
+        parse_task("retrieval.document", TASKS)
+
+
+def test_config_env_twins_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("deployments:\n  text-matching: {urls: ['http://a:1']}\n  code: {urls: ['http://b:2']}\n")
+    env = {"JV4__ROUTER__PORT": "9100", "JV4__DEPLOYMENTS__TEXT_MATCHING__URLS": '["http://c:3", "http://d:4"]',
+           "JV4__BACKEND__WIRE_DTYPE": "bfloat16", "OTHER": "x"}
+    config = load_config(path, env)
+    assert config.router.port == 9100 and config.backend.wire_dtype == "bfloat16"
+    assert config.deployments["text-matching"].urls == ["http://c:3", "http://d:4"]
+    assert config.deployments["code"].urls == ["http://b:2"]
+    with pytest.raises(ValueError):
+        load_config(path, {"JV4__BACKEND__WIRE_DTYPE": "int8"})
+    with pytest.raises(ValueError):
+        load_config(path, {"JV4__ROUTER__NO_SUCH_KEY": "1"})
+
+
+@pytest.mark.parametrize("error", [
+    InvalidRequestError("bad dims", param="dimensions"),
+    InputTooLongError("too long", param="input[2]"),
+    OverloadedError("busy", retry_after=1.0),
+    BackendUnavailableError("down", retry_after=2.0),
+])
+def test_errors_round_trip_through_their_body(error: Jv4Error):
+    back = error_from_body(error.status, error.to_body(), error.retry_after)
+    assert type(back) is type(error)
+    assert (back.message, back.param, back.code, back.retry_after) == (
+        error.message, error.param, error.code, error.retry_after)
+    assert set(error.to_body()["error"]) == {"message", "type", "param", "code"}
