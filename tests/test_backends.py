@@ -1,0 +1,94 @@
+"""ReplicaPool behaviour against small loopback servers: retry elsewhere, least outstanding, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from jv4_vllm.backends import ReplicaPool
+from jv4_vllm.config import BackendSettings
+from jv4_vllm.errors import BackendError, BackendTimeoutError
+from vllm_stack import free_port
+
+
+class Replica:
+    """A loopback HTTP server whose /pooling answer the test sets; counts the calls it gets."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+        self.status, self.delay, self.calls = status, delay, 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _pooling(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return web.Response(status=self.status, body=b"ok", headers={"metadata": "{}"})
+
+    @staticmethod
+    async def _health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def __aenter__(self) -> "Replica":
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/pooling", self._pooling)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def settings(**overrides: object) -> BackendSettings:
+    return BackendSettings(health_interval_s=60, **overrides)
+
+
+async def test_a_5xx_is_retried_once_on_the_other_replica():
+    async with Replica(status=500) as bad, Replica() as good:
+        pool = ReplicaPool("code", [bad.url, good.url], settings())
+        await pool.start()
+        try:
+            for _ in range(6):
+                response = await pool.post("/pooling", {"input": [[1, 2]]})
+                assert response.status == 200 and response.content == b"ok"
+            assert good.calls == 6 and bad.calls >= 1
+        finally:
+            await pool.aclose()
+
+
+async def test_both_replicas_failing_is_a_backend_error():
+    async with Replica(status=503) as one, Replica(status=500) as two:
+        pool = ReplicaPool("code", [one.url, two.url], settings())
+        await pool.start()
+        try:
+            with pytest.raises(BackendError, match="backend failed"):
+                await pool.post("/pooling", {})
+            assert one.calls == 1 and two.calls == 1
+        finally:
+            await pool.aclose()
+
+
+async def test_calls_spread_by_least_outstanding_requests():
+    async with Replica(delay=0.2) as a, Replica(delay=0.2) as b:
+        pool = ReplicaPool("code", [a.url, b.url], settings())
+        await pool.start()
+        try:
+            await asyncio.gather(*(pool.post("/pooling", {}) for _ in range(10)))
+            assert a.calls == 5 and b.calls == 5
+        finally:
+            await pool.aclose()
+
+
+async def test_a_slow_replica_times_out_with_a_504():
+    async with Replica(delay=3.0) as slow:
+        pool = ReplicaPool("code", [slow.url], settings(request_timeout_s=0.5))
+        await pool.start()
+        try:
+            with pytest.raises(BackendTimeoutError):
+                await pool.post("/pooling", {})
+        finally:
+            await pool.aclose()
