@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import InvalidRequestError, error_from_body
 from .images import ImageSource, load_image
 from .types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
+from .wire import decode_embedding_item
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -67,7 +68,7 @@ class _RouterSender:
             retry = response.headers.get("retry-after")
             raise error_from_body(response.status_code, payload, float(retry) if retry else None)
         return EmbedResult(
-            embeddings=[_decode_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])],
+            embeddings=[decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])],
             prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)),
         )
 
@@ -79,13 +80,6 @@ def _item_payload(item: Item) -> dict[str, str]:
     if isinstance(item, TextInput):
         return {"text": item.text}
     return {"image": base64.b64encode(item.data).decode("ascii")}
-
-
-def _decode_item(entry: dict[str, Any]) -> np.ndarray:
-    if "embeddings" in entry:
-        rows = np.frombuffer(base64.b64decode(entry["embeddings"]), dtype="<f4")
-        return rows.reshape(entry["shape"])
-    return np.frombuffer(base64.b64decode(entry["embedding"]), dtype="<f4")
 
 
 class _EngineSender:

@@ -39,10 +39,11 @@ class _Call:
 class _TaskRuntime:
     """Per-task state loaded once: spec, prompt builder, replica pool."""
 
-    def __init__(self, spec: TaskSpec, pool: ReplicaPool) -> None:
+    def __init__(self, spec: TaskSpec, pool: ReplicaPool, request_fields: dict[str, object]) -> None:
         self.spec = spec
         self.prompts = PromptBuilder(spec)
         self.pool = pool
+        self.request_fields = request_fields  # what every /pooling call of this task carries
 
 
 class Engine:
@@ -56,7 +57,6 @@ class Engine:
         self.max_tokens = min(
             [config.vllm.max_model_len] + [r.spec.max_position_embeddings for r in runtimes.values()]
         )
-        self._wire = pooling_wire_fields(config.backend.wire_dtype)
 
     @classmethod
     async def start(cls, config: Config) -> "Engine":
@@ -65,7 +65,9 @@ class Engine:
             spec = load_task_spec(config.task_dir(task))
             if spec.task != task:
                 raise ValueError(f"{config.task_dir(task)} holds task {spec.task!r}, not {task!r}")
-            runtimes[task] = _TaskRuntime(spec, ReplicaPool(task, deployment.urls, config.backend))
+            fields = {**pooling_wire_fields(config.backend.wire_dtype), "task": "token_embed",
+                      "use_activation": False, "model": config.served_name(task)}
+            runtimes[task] = _TaskRuntime(spec, ReplicaPool(task, deployment.urls, config.backend), fields)
         engine = cls(config, runtimes)
         await asyncio.gather(*(r.pool.start() for r in runtimes.values()))
         return engine
@@ -121,12 +123,13 @@ class Engine:
             if isinstance(item, TextInput):
                 if not item.text or not item.text.strip():
                     raise InvalidRequestError(f"input[{index}] is an empty string", param=f"input[{index}]")
-                if not item.text.isascii():
+                if not item.text.isascii():  # JSON can carry lone surrogates; no tokenizer takes them
                     try:
                         item.text.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise InvalidRequestError(f"input[{index}] is not valid Unicode (lone surrogate)",
-                                                  param=f"input[{index}]") from None
+                    except UnicodeEncodeError as exc:
+                        raise InvalidRequestError(
+                            f"input[{index}] is not valid Unicode text (lone surrogate at position {exc.start})",
+                            param=f"input[{index}]") from None
                 text_indices.append(index)
             elif isinstance(item, ImageInput):
                 calls.append(_Call([index], runtime.prompts.image_body(item), True))
@@ -183,9 +186,7 @@ class Engine:
         return EmbedResult(embeddings=[r for r in results if r is not None], prompt_tokens=tokens)
 
     async def _send(self, runtime: _TaskRuntime, call: _Call, options: EmbedOptions) -> tuple[list[np.ndarray], int]:
-        body = {**call.body, **self._wire, "task": "token_embed", "use_activation": False,
-                "model": self.config.served_name(runtime.spec.task)}
-        response = await runtime.pool.post(POOLING_PATH, body)
+        response = await runtime.pool.post(POOLING_PATH, {**call.body, **runtime.request_fields})
         if response.status >= 400:
             raise self._vllm_error(response, call)
         if response.metadata is None:

@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "EmbeddingType",
     "decode_pooling_bytes",
+    "decode_embedding_item",
     "decode_pooling_json",
     "encode_multivector",
     "encode_vector",
@@ -95,3 +96,10 @@ def encode_multivector(matrix: np.ndarray, embedding_type: EmbeddingType) -> dic
         data = base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).decode("ascii")
         return {"embeddings": data, "shape": list(matrix.shape)}
     return {"embeddings": encode_vector(matrix, embedding_type)}
+
+
+def decode_embedding_item(entry: dict[str, Any]) -> np.ndarray:
+    """One base64 item of our /v1/embeddings response: a vector, or a multi-vector with its shape."""
+    if "embeddings" in entry:
+        return np.frombuffer(base64.b64decode(entry["embeddings"]), dtype="<f4").reshape(entry["shape"])
+    return np.frombuffer(base64.b64decode(entry["embedding"]), dtype="<f4")

@@ -22,7 +22,7 @@ from ..engine import POOLING_PATH, Engine
 from ..prompts import PromptBuilder
 from ..spec import TaskSpec
 from ..types import EmbedOptions, TextInput
-from ..wire import decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
+from ..wire import decode_embedding_item, decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
 from .workloads import Workload
 
 __all__ = ["EnginePath", "Outcome", "ReferencePath", "RouterPath", "VllmPath", "json_post"]
@@ -142,18 +142,12 @@ class RouterPath:
     async def send(self, body: bytes) -> Outcome:
         response = await json_post(self._http, self._url, body)
         payload = orjson.loads(response.content)
-        arrays = [_decode_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])]
+        arrays = [decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])]
         return Outcome(len(arrays), int(payload["usage"]["prompt_tokens"]), len(body) + len(response.content),
                        arrays)
 
     def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
         return outcome.arrays
-
-
-def _decode_item(entry: dict[str, Any]) -> np.ndarray:
-    if "embeddings" in entry:
-        return np.frombuffer(base64.b64decode(entry["embeddings"]), dtype="<f4").reshape(entry["shape"])
-    return np.frombuffer(base64.b64decode(entry["embedding"]), dtype="<f4")
 
 
 class ReferencePath:

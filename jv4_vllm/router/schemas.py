@@ -160,8 +160,8 @@ class EmbeddingsRequest(_Schema):
 async def _items(raw: Sequence[str | TextObject | ImageObject], limits: LimitsConfig) -> list[Item]:
     """Texts as they are; images read concurrently. A failure reports the lowest failing index."""
     items: list[Item | None] = [
-        _text(index, value if isinstance(value, str) else value.text) if not isinstance(value, ImageObject)
-        else None for index, value in enumerate(raw)
+        TextInput(value if isinstance(value, str) else value.text) if not isinstance(value, ImageObject)
+        else None for value in raw
     ]
     images = [(i, value.image) for i, value in enumerate(raw) if isinstance(value, ImageObject)]
     if not images:
@@ -180,16 +180,6 @@ async def _items(raw: Sequence[str | TextObject | ImageObject], limits: LimitsCo
     if failures:
         raise failures[min(failures)]
     return items  # type: ignore[return-value]
-
-
-def _text(index: int, text: str) -> TextInput:
-    """JSON can carry lone surrogates (``"\\ud800"``); they are not text a tokenizer accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"input[{index}] is not valid Unicode text (lone surrogate at position "
-                                  f"{exc.start})", param=f"input[{index}]") from None
-    return TextInput(text)
 
 
 def field_path(loc: Sequence[str | int]) -> str | None:
