@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
@@ -43,52 +45,39 @@ class Replica:
         await self._runner.cleanup()
 
 
-def settings(**overrides: object) -> BackendSettings:
-    return BackendSettings(health_interval_s=60, **overrides)
+@asynccontextmanager
+async def started_pool(*replicas: Replica, **overrides: object) -> AsyncIterator[ReplicaPool]:
+    """A started pool over the given replicas (background health checks effectively off)."""
+    pool = ReplicaPool("code", [r.url for r in replicas], BackendSettings(health_interval_s=60, **overrides))
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
 
 
 async def test_a_5xx_is_retried_once_on_the_other_replica():
-    async with Replica(status=500) as bad, Replica() as good:
-        pool = ReplicaPool("code", [bad.url, good.url], settings())
-        await pool.start()
-        try:
-            for _ in range(6):
-                response = await pool.post("/pooling", {"input": [[1, 2]]})
-                assert response.status == 200 and response.content == b"ok"
-            assert good.calls == 6 and bad.calls >= 1
-        finally:
-            await pool.aclose()
+    async with Replica(status=500) as bad, Replica() as good, started_pool(bad, good) as pool:
+        for _ in range(6):
+            response = await pool.post("/pooling", {"input": [[1, 2]]})
+            assert response.status == 200 and response.content == b"ok"
+        assert good.calls == 6 and bad.calls >= 1
 
 
 async def test_both_replicas_failing_is_a_backend_error():
-    async with Replica(status=503) as one, Replica(status=500) as two:
-        pool = ReplicaPool("code", [one.url, two.url], settings())
-        await pool.start()
-        try:
-            with pytest.raises(BackendError, match="backend failed"):
-                await pool.post("/pooling", {})
-            assert one.calls == 1 and two.calls == 1
-        finally:
-            await pool.aclose()
+    async with Replica(status=503) as one, Replica(status=500) as two, started_pool(one, two) as pool:
+        with pytest.raises(BackendError, match="backend failed"):
+            await pool.post("/pooling", {})
+        assert one.calls == 1 and two.calls == 1
 
 
 async def test_calls_spread_by_least_outstanding_requests():
-    async with Replica(delay=0.2) as a, Replica(delay=0.2) as b:
-        pool = ReplicaPool("code", [a.url, b.url], settings())
-        await pool.start()
-        try:
-            await asyncio.gather(*(pool.post("/pooling", {}) for _ in range(10)))
-            assert a.calls == 5 and b.calls == 5
-        finally:
-            await pool.aclose()
+    async with Replica(delay=0.2) as a, Replica(delay=0.2) as b, started_pool(a, b) as pool:
+        await asyncio.gather(*(pool.post("/pooling", {}) for _ in range(10)))
+        assert a.calls == 5 and b.calls == 5
 
 
 async def test_a_slow_replica_times_out_with_a_504():
-    async with Replica(delay=3.0) as slow:
-        pool = ReplicaPool("code", [slow.url], settings(request_timeout_s=0.5))
-        await pool.start()
-        try:
-            with pytest.raises(BackendTimeoutError):
-                await pool.post("/pooling", {})
-        finally:
-            await pool.aclose()
+    async with Replica(delay=3.0) as slow, started_pool(slow, request_timeout_s=0.5) as pool:
+        with pytest.raises(BackendTimeoutError):
+            await pool.post("/pooling", {})
