@@ -1,36 +1,54 @@
-"""Serve jina-embeddings-v4 on vLLM: all adapters, text and images, single and multi-vector."""
+"""Serve jina-embeddings-v4 on vLLM: all adapters, text and images, single and multi-vector.
 
-from .client import AsyncClient, Client
-from .config import Config, load_config
-from .errors import (
-    AuthenticationError,
-    BackendError,
-    BackendTimeoutError,
-    BackendUnavailableError,
-    InputTooLongError,
-    InvalidRequestError,
-    Jv4Error,
-    ModelNotFoundError,
-    OverloadedError,
-    PayloadTooLargeError,
-)
+The root is lazy: ``import jv4_vllm.router`` or ``import jv4_vllm.errors`` loads only what
+that module needs, and the names below are imported on first use.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = [
-    "AsyncClient",
-    "AuthenticationError",
-    "BackendError",
-    "BackendTimeoutError",
-    "BackendUnavailableError",
-    "Client",
-    "Config",
-    "InputTooLongError",
-    "InvalidRequestError",
-    "Jv4Error",
-    "ModelNotFoundError",
-    "OverloadedError",
-    "PayloadTooLargeError",
-    "__version__",
-    "load_config",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from jv4_vllm._version import __version__
+
+if TYPE_CHECKING:
+    from jv4_vllm.client import AsyncClient, Client
+    from jv4_vllm.config import Config, load_config
+    from jv4_vllm.errors import (
+        AuthenticationError,
+        BackendError,
+        BackendTimeoutError,
+        BackendUnavailableError,
+        InputTooLongError,
+        InvalidRequestError,
+        Jv4Error,
+        ModelNotFoundError,
+        OverloadedError,
+        PayloadTooLargeError,
+    )
+
+_EXPORTS = {
+    "AsyncClient": "jv4_vllm.client",
+    "Client": "jv4_vllm.client",
+    "Config": "jv4_vllm.config",
+    "load_config": "jv4_vllm.config",
+    **{name: "jv4_vllm.errors" for name in (
+        "AuthenticationError", "BackendError", "BackendTimeoutError", "BackendUnavailableError",
+        "InputTooLongError", "InvalidRequestError", "Jv4Error", "ModelNotFoundError", "OverloadedError",
+        "PayloadTooLargeError")},
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jv4_vllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -28,19 +28,19 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .config import load_config
+    from jv4_vllm.config import load_config
     return load_config(args.config)
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
-    from .demo_checkpoint import build_demo_checkpoint
+    from jv4_vllm.checkpoint.demo import build_demo_checkpoint
     out = build_demo_checkpoint(Path(args.out), seed=args.seed, hidden_size=args.hidden_size)
     print(f"demo checkpoint written to {out}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from jv4_vllm.checkpoint.prepare import prepare
     written = prepare(args.source, Path(args.out), tasks=args.tasks or None)
     for task, path in written.items():
         print(f"{task}: {path}")
@@ -49,41 +49,41 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_vllm_command(args: argparse.Namespace) -> int:
     import shlex
-    from .launch_args import vllm_serve_command
+    from jv4_vllm.deploy.vllm_args import vllm_serve_command
     print(shlex.join(vllm_serve_command(_config(args), args.task, model_root=args.model_root)))
     return 0
 
 
 def cmd_serve_adapter(args: argparse.Namespace) -> int:
-    from .launch import serve_adapter
+    from jv4_vllm.deploy.launch import serve_adapter
     return serve_adapter(_config(args), args.task)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from .router import run
+    from jv4_vllm.router import run
     run(_config(args))
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .launch import up
+    from jv4_vllm.deploy.launch import up
     return up(_config(args), Path(args.config))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from jv4_vllm.oracle.verify import verify
     return verify(_config(args), router_url=args.url)
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from .k8s import write_manifests
+    from jv4_vllm.deploy.k8s import write_manifests
     for path in write_manifests(_config(args), Path(args.out), variant=args.variant):
         print(path)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from jv4_vllm.bench import main as bench_main
     return bench_main([a for a in args.bench_args if a != "--"])
 
 

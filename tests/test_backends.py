@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from jv4_vllm.backends import ReplicaPool
+from jv4_vllm.core.replicas import ReplicaPool
 from jv4_vllm.config import BackendSettings
 from jv4_vllm.errors import BackendError, BackendTimeoutError
 from vllm_stack import free_port

@@ -7,7 +7,7 @@ import pytest
 
 from images_util import make_image, png_bytes
 from jv4_vllm import Client, InvalidRequestError
-from jv4_vllm.verify import verify
+from jv4_vllm.oracle.verify import verify
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

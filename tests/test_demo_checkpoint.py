@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, AutoTokenizer
 
-from jv4_vllm.demo_checkpoint import TASK_NAMES, build_demo_checkpoint
+from jv4_vllm.checkpoint.demo import TASK_NAMES, build_demo_checkpoint
 
 ADAPTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

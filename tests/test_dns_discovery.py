@@ -24,10 +24,10 @@ from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import DNSLogger, DNSServer
 from fastapi import FastAPI, Request, Response
 
-from jv4_vllm.backends import ReplicaPool
+from jv4_vllm.core.replicas import ReplicaPool
 from jv4_vllm.config import BackendSettings
 from jv4_vllm.errors import BackendUnavailableError
-from jv4_vllm.wire import decode_pooling_bytes, pooling_wire_fields
+from jv4_vllm.core.wire import decode_pooling_bytes, pooling_wire_fields
 
 pytestmark = pytest.mark.timeout(30)
 

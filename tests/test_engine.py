@@ -8,11 +8,11 @@ import pytest_asyncio
 
 from images_util import SIZES, make_image, png_bytes
 from jv4_vllm.client import AsyncClient
-from jv4_vllm.engine import Engine
+from jv4_vllm.core.engine import Engine
 from jv4_vllm.errors import InputTooLongError, InvalidRequestError
-from jv4_vllm.images import read_image
+from jv4_vllm.core.images import read_image
 from jv4_vllm.config import LimitsConfig
-from jv4_vllm.types import EmbedOptions, TextInput
+from jv4_vllm.core.types import EmbedOptions, TextInput
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from jv4_vllm.launch import start_deployment, stop_children
+from jv4_vllm.deploy.launch import start_deployment, stop_children
 from jv4_vllm.router import create_app
 from vllm_stack import InProcessServer, free_port, wait_healthy
 

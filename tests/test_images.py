@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from images_util import make_image, png_bytes
-from jv4_vllm import images
+from jv4_vllm.core import images
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
-from jv4_vllm.images import address_allowed, decode_image, load_image, read_image
+from jv4_vllm.core.images import address_allowed, decode_image, load_image, read_image
 from PIL import Image
 
 LIMITS = LimitsConfig()

@@ -19,8 +19,8 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from jv4_vllm.config import Config, RouterConfig, load_config
-from jv4_vllm.k8s import cluster_config, manifest_files, render_manifests, write_manifests
-from jv4_vllm.launch_args import vllm_serve_command
+from jv4_vllm.deploy.k8s import cluster_config, manifest_files, render_manifests, write_manifests
+from jv4_vllm.deploy.vllm_args import vllm_serve_command
 
 REPO = Path(__file__).resolve().parents[1]
 # Overlay directory under configs/k8s -> the config it is rendered from.

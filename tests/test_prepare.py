@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-import jv4_vllm.prepare as prepare_module
-import jv4_vllm.shards as shards_module
-from jv4_vllm.demo_checkpoint import TASK_NAMES, build_demo_checkpoint
-from jv4_vllm.prepare import PrepareError, prepare
+import jv4_vllm.checkpoint.prepare as prepare_module
+import jv4_vllm.checkpoint.shards as shards_module
+from jv4_vllm.checkpoint.demo import TASK_NAMES, build_demo_checkpoint
+from jv4_vllm.checkpoint.prepare import PrepareError, prepare
 
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 PROJECTOR_KEYS = ("multi_vector_projector.weight", "multi_vector_projector.bias")

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from jv4_vllm.demo_checkpoint import TASK_NAMES, build_demo_checkpoint
-from jv4_vllm.reference import ReferenceEncoder
+from jv4_vllm.checkpoint.demo import TASK_NAMES, build_demo_checkpoint
+from jv4_vllm.oracle.reference import ReferenceEncoder
 
 TEXTS = ["A quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b", "Paris"]
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"

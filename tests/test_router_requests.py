@@ -24,10 +24,10 @@ import orjson
 import pytest
 from images_util import make_image, png_bytes
 from jv4_vllm.config import Config
-from jv4_vllm.engine import Engine
+from jv4_vllm.core.engine import Engine
 from jv4_vllm.router import create_app
-from jv4_vllm.router.schemas import EmbeddingsResponse
-from jv4_vllm.types import EmbedResult
+from jv4_vllm.router.protocol import EmbeddingsResponse
+from jv4_vllm.core.types import EmbedResult
 from test_images import png_header_only
 from vllm_stack import InProcessServer, free_port, wait_ready, write_config
 

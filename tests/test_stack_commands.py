@@ -90,7 +90,7 @@ def test_demo_script_exits_zero():
 
 
 def test_serve_adapter_prints_its_command_and_serves(stack_config, tmp_path):
-    from jv4_vllm.launch_args import local_command
+    from jv4_vllm.deploy.vllm_args import local_command
     from vllm_stack import wait_healthy
 
     port = free_port()

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from jv4_vllm import pooling, wire
+from jv4_vllm.core import pooling
+from jv4_vllm.core import wire
 from jv4_vllm.config import load_config
 from jv4_vllm.errors import (
     BackendUnavailableError,
@@ -18,7 +19,7 @@ from jv4_vllm.errors import (
     OverloadedError,
     error_from_body,
 )
-from jv4_vllm.types import parse_task
+from jv4_vllm.core.types import parse_task
 
 RNG = np.random.default_rng(0)
 TASKS = ("retrieval", "text-matching", "code")

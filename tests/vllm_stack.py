@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 
 from jv4_vllm.config import Config
-from jv4_vllm import launch
-from jv4_vllm.launch import Child, start_deployment, stop_children
+from jv4_vllm.deploy import launch
+from jv4_vllm.deploy.launch import Child, start_deployment, stop_children
 
 TASKS = ("retrieval", "text-matching", "code")
 MAX_MODEL_LEN = 512
@@ -117,3 +117,50 @@ def wait_ready(url: str, process=None, timeout_s: float = 120.0) -> None:  # noq
             raise RuntimeError(f"process exited with {process.returncode}")
 
     launch.wait_ready(url, check_alive, timeout_s)
+
+
+# ---- a shared demo stack for development (JV4_TEST_STACK_DIR) ------------------------------------
+
+def shared_paths(directory: Path) -> tuple[Path, Path]:
+    """The shared stack's demo source and prepared dirs (built by ``serve_shared``)."""
+    return directory / "demo-source", directory / "prepared"
+
+
+def shared_config(directory: Path) -> Config:
+    """The running shared stack's config, with a fresh router port for this test session."""
+    import yaml
+
+    data = yaml.safe_load((directory / "stack.yaml").read_text())
+    config = Config.model_validate(data)
+    wait_healthy([config.deployments[t].urls[0] for t in TASKS], [], timeout_s=30)
+    return config.model_copy(update={"router": config.router.model_copy(update={"port": free_port()})})
+
+
+def serve_shared(directory: Path) -> None:
+    """Build the demo checkpoint, start the three deployments and keep them up until killed."""
+    import signal
+
+    from jv4_vllm.checkpoint.demo import build_demo_checkpoint
+    from jv4_vllm.checkpoint.prepare import prepare
+
+    source, prepared = shared_paths(directory)
+    if not (source / "config.json").is_file():
+        build_demo_checkpoint(source, seed=0)
+    if not all((prepared / t / "jv4.json").is_file() for t in TASKS):
+        prepare(source, prepared)
+    config = demo_config(source, prepared, directory / "logs")
+    children = start_all(config)
+    write_config(config, directory / "stack.yaml")
+    print(f"shared stack ready: {directory / 'stack.yaml'}", flush=True)
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        (directory / "stack.yaml").unlink(missing_ok=True)
+        stop_children(children)
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_shared(Path(sys.argv[1]).resolve())

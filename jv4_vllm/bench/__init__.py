@@ -1,5 +1,5 @@
 """Benchmark of the serving paths side by side (``jv4-vllm bench``); see :func:`main`."""
 
-from .cli import main
+from jv4_vllm.bench.cli import main
 
 __all__ = ["main"]

@@ -19,15 +19,15 @@ from typing import Any
 
 import httpx
 
-from ..config import Config
-from ..engine import POOLING_PATH
-from ..prompts import PromptBuilder
-from ..spec import TaskSpec
-from .loadgen import CpuMeter, Measurement, closed_loop, percentile_ms
-from .paths import RouterPath, VllmPath, json_post
-from .settings import BenchSettings
-from .stack import Stack, bench_config
-from .workloads import Workload
+from jv4_vllm.config import Config
+from jv4_vllm.core.engine import POOLING_PATH
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.spec import TaskSpec
+from jv4_vllm.bench.loadgen import CpuMeter, Measurement, closed_loop, percentile_ms
+from jv4_vllm.bench.paths import RouterPath, VllmPath, json_post
+from jv4_vllm.bench.settings import BenchSettings
+from jv4_vllm.bench.stack import Stack, bench_config
+from jv4_vllm.bench.workloads import Workload
 
 __all__ = ["Recording", "measure_ceiling", "record_response"]
 

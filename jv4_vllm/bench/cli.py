@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .settings import ALL_PATHS, MODES, WORKLOADS, BenchSettings
+from jv4_vllm.bench.settings import ALL_PATHS, MODES, WORKLOADS, BenchSettings
 
 __all__ = ["main", "parse_args"]
 
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per request would cost the load generator CPU
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .report import build_report, markdown, write_outputs
-    from .run import run_bench
+    from jv4_vllm.bench.report import build_report, markdown, write_outputs
+    from jv4_vllm.bench.run import run_bench
 
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

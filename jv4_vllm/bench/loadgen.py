@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from .paths import Outcome
+from jv4_vllm.bench.paths import Outcome
 
 __all__ = ["CpuMeter", "Measurement", "closed_loop", "percentile_ms"]
 

@@ -17,13 +17,13 @@ import httpx
 import numpy as np
 import orjson
 
-from .. import pooling
-from ..engine import POOLING_PATH, Engine
-from ..prompts import PromptBuilder
-from ..spec import TaskSpec
-from ..types import EmbedOptions, TextInput
-from ..wire import decode_embedding_item, decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
-from .workloads import Workload
+from jv4_vllm.core import pooling
+from jv4_vllm.core.engine import POOLING_PATH, Engine
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.spec import TaskSpec
+from jv4_vllm.core.types import EmbedOptions, TextInput
+from jv4_vllm.core.wire import decode_embedding_item, decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
+from jv4_vllm.bench.workloads import Workload
 
 __all__ = ["EnginePath", "Outcome", "ReferencePath", "RouterPath", "VllmPath", "json_post"]
 
@@ -154,7 +154,7 @@ class ReferencePath:
     """transformers on the unmerged checkpoint, LoRA applied on the fly; blocking, batches of ``batch``."""
 
     def __init__(self, source: str, task: str, batch: int) -> None:
-        from ..reference import ReferenceEncoder  # torch + transformers: only when this path runs
+        from jv4_vllm.oracle.reference import ReferenceEncoder  # torch + transformers: only when this path runs
 
         self.name = "reference"
         self._encoder = ReferenceEncoder(source, batch_size=batch)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .loadgen import percentile_ms
-from .run import RAW_MODE, Cell, RunResult
-from .settings import BenchSettings
+from jv4_vllm.bench.loadgen import percentile_ms
+from jv4_vllm.bench.run import RAW_MODE, Cell, RunResult
+from jv4_vllm.bench.settings import BenchSettings
 
 __all__ = ["build_report", "ratios", "write_outputs"]
 

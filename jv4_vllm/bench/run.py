@@ -12,16 +12,16 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ..config import Config
-from ..engine import Engine
-from ..prompts import PromptBuilder
-from ..spec import load_task_spec
-from .ceiling import Recording, measure_ceiling, record_response
-from .loadgen import CpuMeter, Measurement, closed_loop
-from .paths import EnginePath, ReferencePath, RouterPath, VllmPath
-from .settings import DIRECT_PATHS, BenchSettings
-from .stack import Stack, bench_config
-from .workloads import Workload, build_workload
+from jv4_vllm.config import Config
+from jv4_vllm.core.engine import Engine
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.spec import load_task_spec
+from jv4_vllm.bench.ceiling import Recording, measure_ceiling, record_response
+from jv4_vllm.bench.loadgen import CpuMeter, Measurement, closed_loop
+from jv4_vllm.bench.paths import EnginePath, ReferencePath, RouterPath, VllmPath
+from jv4_vllm.bench.settings import DIRECT_PATHS, BenchSettings
+from jv4_vllm.bench.stack import Stack, bench_config
+from jv4_vllm.bench.workloads import Workload, build_workload
 
 __all__ = ["Cell", "RunResult", "run_bench"]
 

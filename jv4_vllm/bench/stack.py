@@ -1,7 +1,7 @@
 """The processes a run starts (one vLLM deployment, router processes, the replay upstream) and stops.
 
 Every child runs in its own process group and is stopped by its PID with
-:func:`jv4_vllm.launch.stop_children`, whatever happens to the run.
+:func:`jv4_vllm.deploy.launch.stop_children`, whatever happens to the run.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from ..config import Config
-from ..launch import Child, start_deployment, stop_children
-from .settings import BenchSettings
+from jv4_vllm.config import Config
+from jv4_vllm.deploy.launch import Child, start_deployment, stop_children
+from jv4_vllm.bench.settings import BenchSettings
 
 __all__ = ["Stack", "bench_config", "free_port"]
 

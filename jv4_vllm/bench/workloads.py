@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..config import LimitsConfig
-from ..images import decode_image
-from ..prompts import PromptBuilder
-from ..types import ImageInput, Item, Role, TextInput
+from jv4_vllm.config import LimitsConfig
+from jv4_vllm.core.images import decode_image
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.types import ImageInput, Item, Role, TextInput
 
 __all__ = ["Workload", "build_workload"]
 

@@ -1,5 +1,5 @@
 """The HTTP router: one OpenAI- and Jina-compatible endpoint over the engine."""
 
-from .app import create_app, run
+from jv4_vllm.router.app import create_app, run
 
 __all__ = ["create_app", "run"]

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Jv4Error, PayloadTooLargeError
-from .auth import ApiKeys
-from .errors import error_response
+from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.errors import error_response
 
 __all__ = ["AdmissionMiddleware", "until_disconnect"]
 

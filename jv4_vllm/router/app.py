@@ -13,16 +13,16 @@ from threadpoolctl import threadpool_limits
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
-from .. import __version__
-from ..config import Config
-from .admission import AdmissionMiddleware, until_disconnect
-from .auth import ApiKeys
-from .errors import install_error_handler
-from .metrics import MetricsMiddleware, RouterMetrics
-from .schemas import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse, ModelCard, ModelList
+from jv4_vllm._version import __version__
+from jv4_vllm.config import Config
+from jv4_vllm.router.admission import AdmissionMiddleware, until_disconnect
+from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.errors import install_error_handler
+from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
+from jv4_vllm.router.protocol import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse, ModelCard, ModelList
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from jv4_vllm.core.engine import Engine
 
 __all__ = ["create_app", "run"]
 
@@ -107,7 +107,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
         if engine is not None:
             yield
             return
-        from ..engine import Engine
+        from jv4_vllm.core.engine import Engine
 
         app.state.engine = await Engine.start(config)
         try:

@@ -10,8 +10,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..config import RouterConfig
-from ..errors import AuthenticationError
+from jv4_vllm.config import RouterConfig
+from jv4_vllm.errors import AuthenticationError
 
 __all__ = ["ApiKeys"]
 

@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from ..errors import InvalidRequestError, Jv4Error
-from .schemas import field_path
+from jv4_vllm.errors import InvalidRequestError, Jv4Error
+from jv4_vllm.router.protocol import field_path
 
 __all__ = ["as_jv4_error", "error_response", "install_error_handler"]
 

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..types import ImageInput, Item
+from jv4_vllm.core.types import ImageInput, Item
 
 __all__ = ["MetricsMiddleware", "RouterMetrics"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .config import Config, DeploymentConfig
-from .k8s_variants import VARIANTS, Resources, Variant
-from .launch_args import vllm_serve_command
+from jv4_vllm._version import __version__
+from jv4_vllm.config import Config, DeploymentConfig
+from jv4_vllm.deploy.k8s_variants import VARIANTS, Resources, Variant
+from jv4_vllm.deploy.vllm_args import vllm_serve_command
 
 __all__ = [
     "VARIANTS", "cluster_config", "manifest_files", "render_manifests", "router_config_yaml", "write_manifests",

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
-from .shards import write_json
+from jv4_vllm.checkpoint.shards import write_json
 
 __all__ = ["build_demo_checkpoint", "KEY_STYLES", "TASK_NAMES"]
 

@@ -23,8 +23,8 @@ import dns.exception
 import aiohttp
 import orjson
 
-from .config import BackendSettings
-from .errors import BackendError, BackendTimeoutError, BackendUnavailableError, OverloadedError
+from jv4_vllm.config import BackendSettings
+from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError, OverloadedError
 
 __all__ = ["BackendResponse", "Replica", "ReplicaPool", "ReplicaStats"]
 

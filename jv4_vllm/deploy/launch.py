@@ -14,9 +14,9 @@ from typing import IO, Callable
 
 import httpx
 
-from .config import Config
-from .launch_args import local_command
-from .spec import SPEC_FILE
+from jv4_vllm.config import Config
+from jv4_vllm.deploy.vllm_args import local_command
+from jv4_vllm.core.spec import SPEC_FILE
 
 __all__ = ["Child", "serve_adapter", "start_deployment", "stop_children", "up", "wait_ready"]
 
@@ -86,7 +86,7 @@ def stop_children(children: list[Child]) -> None:
 def _prepare_missing(config: Config) -> None:
     missing = [t for t in config.tasks if not (config.task_dir(t) / SPEC_FILE).is_file()]
     if missing:
-        from .prepare import prepare  # needs torch-free safetensors only, imported on demand
+        from jv4_vllm.checkpoint.prepare import prepare  # needs torch-free safetensors only, imported on demand
         print(f"preparing {missing} from {config.source} into {config.prepared_dir}", flush=True)
         prepare(config.source, config.prepared_dir, tasks=missing)
 

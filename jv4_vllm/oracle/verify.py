@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .client import AsyncClient
-from .config import Config
+from jv4_vllm.client import AsyncClient
+from jv4_vllm.config import Config
 
 __all__ = ["PROBE_TEXTS", "ProbeResult", "probe_images", "run_probes", "verify"]
 
@@ -89,7 +89,7 @@ def _print_table(results: list[ProbeResult]) -> None:
 
 
 async def _verify(config: Config, router_url: str | None) -> int:
-    from .reference import ReferenceEncoder  # torch: only this command needs it
+    from jv4_vllm.oracle.reference import ReferenceEncoder  # torch: only this command needs it
 
     started = time.perf_counter()
     reference = ReferenceEncoder(config.source)

@@ -18,12 +18,12 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import Config, LimitsConfig, load_config
-from .engine import Engine
-from .errors import InvalidRequestError, error_from_body
-from .images import ImageSource, load_image
-from .types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
-from .wire import decode_embedding_item
+from jv4_vllm.config import Config, LimitsConfig, load_config
+from jv4_vllm.core.engine import Engine
+from jv4_vllm.errors import InvalidRequestError, error_from_body
+from jv4_vllm.core.images import ImageSource, load_image
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
+from jv4_vllm.core.wire import decode_embedding_item
 
 __all__ = ["AsyncClient", "Client"]
 

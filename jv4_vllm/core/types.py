@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from jv4_vllm.errors import InvalidRequestError
 
 __all__ = ["EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
 

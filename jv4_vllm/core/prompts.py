@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from tokenizers import Tokenizer
 
-from .spec import TaskSpec
-from .types import ImageInput, Role
+from jv4_vllm.core.spec import TaskSpec
+from jv4_vllm.core.types import ImageInput, Role
 
 __all__ = ["ImageLayout", "PromptBuilder"]
 

@@ -30,9 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from .chat_template import CHAT_TEMPLATE_FILE, render_chat_template
-from .shards import ShardWriter, stream_tensors, write_json
-from .spec import SPEC_FILE
+from jv4_vllm.checkpoint.chat_template import CHAT_TEMPLATE_FILE, render_chat_template
+from jv4_vllm.checkpoint.shards import ShardWriter, stream_tensors, write_json
+from jv4_vllm.core.spec import SPEC_FILE
 
 __all__ = ["prepare", "PrepareError", "IMAGE_PROMPT_TEXT"]
 

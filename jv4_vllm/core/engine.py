@@ -13,14 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from . import pooling
-from .backends import BackendResponse, ReplicaPool, ReplicaStats
-from .config import Config
-from .errors import BackendError, InputTooLongError, InvalidRequestError
-from .prompts import PromptBuilder
-from .spec import TaskSpec, load_task_spec
-from .types import EmbedOptions, EmbedResult, ImageInput, Item, TextInput
-from .wire import decode_pooling_bytes, pooling_wire_fields
+from jv4_vllm.core import pooling
+from jv4_vllm.core.replicas import BackendResponse, ReplicaPool, ReplicaStats
+from jv4_vllm.config import Config
+from jv4_vllm.errors import BackendError, InputTooLongError, InvalidRequestError
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.spec import TaskSpec, load_task_spec
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, ImageInput, Item, TextInput
+from jv4_vllm.core.wire import decode_pooling_bytes, pooling_wire_fields
 
 __all__ = ["Engine"]
 

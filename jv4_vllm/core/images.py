@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from .config import LimitsConfig
-from .errors import InvalidRequestError, PayloadTooLargeError
-from .types import ImageInput
+from jv4_vllm.config import LimitsConfig
+from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
+from jv4_vllm.core.types import ImageInput
 
 __all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_image", "load_image", "read_image"]
 

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import PurePosixPath
 
-from .chat_template import CHAT_TEMPLATE_FILE
-from .config import Config
+from jv4_vllm.checkpoint.chat_template import CHAT_TEMPLATE_FILE
+from jv4_vllm.config import Config
 
 __all__ = ["CHAT_TEMPLATE_FILE", "POOLER_CONFIG", "local_command", "vllm_args", "vllm_serve_command"]
 

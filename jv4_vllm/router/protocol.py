@@ -18,11 +18,11 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
-from ..config import LimitsConfig
-from ..errors import InvalidRequestError, Jv4Error, ModelNotFoundError, PayloadTooLargeError
-from ..images import load_image
-from ..types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
-from ..wire import EmbeddingType, encode_multivector, encode_vector
+from jv4_vllm.config import LimitsConfig
+from jv4_vllm.errors import InvalidRequestError, Jv4Error, ModelNotFoundError, PayloadTooLargeError
+from jv4_vllm.core.images import load_image
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
+from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 
 __all__ = [
     "EmbeddingItem",

@@ -1,0 +1,1 @@
+"""Framework integrations (optional extras): LangChain and LlamaIndex embedding classes."""
