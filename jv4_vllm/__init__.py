@@ -38,7 +38,23 @@ _EXPORTS = {
         "PayloadTooLargeError")},
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "Client",
+    "Config",
+    "InputTooLongError",
+    "InvalidRequestError",
+    "Jv4Error",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "__version__",
+    "load_config",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
-from threadpoolctl import threadpool_limits
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
+from threadpoolctl import threadpool_limits
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
@@ -19,7 +20,14 @@ from jv4_vllm.router.admission import AdmissionMiddleware, until_disconnect
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
-from jv4_vllm.router.protocol import EmbeddingsRequest, EmbeddingsResponse, ErrorResponse, ModelCard, ModelList
+from jv4_vllm.router.protocol import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from jv4_vllm.router.serving import render_embeddings, request_items
 
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
@@ -55,11 +63,11 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     async def work() -> bytes:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
-        items = await body.items(state.config.limits)
+        items = await request_items(body, state.config.limits)
         result = await engine.embed(items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
-        return EmbeddingsResponse.render(result, model=body.model or engine.model_name,
-                                         embedding_type=body.output_type(), multivector=options.multivector)
+        return await asyncio.to_thread(render_embeddings, result, model=body.model or engine.model_name,
+                                       embedding_type=body.output_type(), multivector=options.multivector)
 
     finished, content = await until_disconnect(request, work())
     if not finished:

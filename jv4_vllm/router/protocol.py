@@ -1,28 +1,29 @@
 """Wire schemas of the router: OpenAI- and Jina-compatible ``/v1/embeddings``.
 
-Requests convert themselves into engine parameters (:meth:`EmbeddingsRequest.options`,
-:meth:`EmbeddingsRequest.items`);
-responses render themselves from an :class:`~jv4_vllm.types.EmbedResult`
-(:meth:`EmbeddingsResponse.render`). The pydantic response models document the shape
-for OpenAPI; rendering skips them and hands numpy arrays to orjson, because building
-millions of Python floats is what makes large responses slow.
+Pure pydantic models, no I/O: requests check their own fields and convert themselves into
+engine options (:meth:`EmbeddingsRequest.options`). The response models document the
+shape for OpenAPI; :mod:`jv4_vllm.router.serving` reads inputs and renders responses.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-import numpy as np
-import orjson
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
-from jv4_vllm.config import LimitsConfig
-from jv4_vllm.errors import InvalidRequestError, Jv4Error, ModelNotFoundError, PayloadTooLargeError
-from jv4_vllm.core.images import load_image
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput, parse_task
-from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
+from jv4_vllm.core.types import EmbedOptions, parse_task
+from jv4_vllm.core.wire import EmbeddingType
+from jv4_vllm.errors import InvalidRequestError, ModelNotFoundError
 
 __all__ = [
     "EmbeddingItem",
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_TASK = "text-matching"
-IMAGE_LOAD_CONCURRENCY = 8
 
 # Union member tags: they show up in validation error locations and are dropped from them.
 _TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object"})
@@ -147,40 +147,6 @@ class EmbeddingsRequest(_Schema):
         return EmbedOptions(task=task, role=role, dimensions=self.dimensions,  # type: ignore[arg-type]
                             multivector=self.return_multivector, truncate=self.truncate)
 
-    async def items(self, limits: LimitsConfig) -> list[Item]:
-        """The inputs as engine items, images read and checked; too many inputs is a 413."""
-        raw = [self.input] if isinstance(self.input, str) else self.input
-        if len(raw) > limits.max_inputs_per_request:
-            raise PayloadTooLargeError(
-                f"input has {len(raw)} items; the limit is {limits.max_inputs_per_request} per request",
-                param="input", code="too_many_inputs")
-        return await _items(raw, limits)
-
-
-async def _items(raw: Sequence[str | TextObject | ImageObject], limits: LimitsConfig) -> list[Item]:
-    """Texts as they are; images read concurrently. A failure reports the lowest failing index."""
-    items: list[Item | None] = [
-        TextInput(value if isinstance(value, str) else value.text) if not isinstance(value, ImageObject)
-        else None for value in raw
-    ]
-    images = [(i, value.image) for i, value in enumerate(raw) if isinstance(value, ImageObject)]
-    if not images:
-        return items  # type: ignore[return-value]
-    gate = asyncio.Semaphore(IMAGE_LOAD_CONCURRENCY)
-    failures: dict[int, Jv4Error] = {}
-
-    async def read(index: int, value: str) -> None:
-        async with gate:
-            try:
-                items[index] = await load_image(value, limits, index)
-            except Jv4Error as exc:
-                failures[index] = exc
-
-    await asyncio.gather(*(read(i, v) for i, v in images))
-    if failures:
-        raise failures[min(failures)]
-    return items  # type: ignore[return-value]
-
 
 def field_path(loc: Sequence[str | int]) -> str | None:
     """``("body", "input", "list", 3, "image-object", "image")`` -> ``input[3].image``."""
@@ -221,27 +187,6 @@ class EmbeddingsResponse(BaseModel):
     model: str
     data: list[EmbeddingItem | MultiVectorItem]
     usage: Usage
-
-    @staticmethod
-    def render(result: EmbedResult, *, model: str, embedding_type: EmbeddingType, multivector: bool) -> bytes:
-        """The JSON body for ``result``: float arrays go to orjson as numpy (no per-float Python)."""
-        item = _multivector_item if multivector else _vector_item
-        data = [item(index, array, embedding_type) for index, array in enumerate(result.embeddings)]
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return orjson.dumps({"object": "list", "model": model, "data": data, "usage": usage},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _vector_item(index: int, vector: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
-    embedding = (np.ascontiguousarray(vector, dtype=np.float32) if embedding_type == "float"
-                 else encode_vector(vector, embedding_type))
-    return {"object": "embedding", "index": index, "embedding": embedding}
-
-
-def _multivector_item(index: int, matrix: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
-    fields = ({"embeddings": np.ascontiguousarray(matrix, dtype=np.float32)} if embedding_type == "float"
-              else encode_multivector(matrix, embedding_type))
-    return {"object": "embeddings", "index": index, **fields}
 
 
 class ErrorDetail(BaseModel):

@@ -1,0 +1,71 @@
+"""How a client's requests reach the engine: over HTTP to a router, or in-process.
+
+A sender takes items and engine options and returns an :class:`EmbedResult`; the clients
+above it only split, schedule and stack.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from jv4_vllm.core.engine import Engine
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
+from jv4_vllm.core.wire import decode_embedding_item
+from jv4_vllm.errors import error_from_body
+
+__all__ = ["EngineSender", "RouterSender", "Sender"]
+
+Sender = Callable[[list[Item], EmbedOptions], Awaitable[EmbedResult]]
+
+
+class RouterSender:
+    """Sends items to a jv4_vllm router's /v1/embeddings (base64 float32 on the wire)."""
+
+    def __init__(self, url: str, api_key: str | None, model: str, timeout: float) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._model = model
+
+    async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
+        body: dict[str, Any] = {
+            "model": self._model,
+            "input": [_item_payload(item) for item in items],
+            "task": f"{options.task}.{options.role}" if options.task != "text-matching" else options.task,
+            "embedding_type": "base64",
+            "return_multivector": options.multivector,
+            "truncate": options.truncate,
+        }
+        if options.dimensions is not None:
+            body["dimensions"] = options.dimensions
+        response = await self._http.post("/v1/embeddings", json=body)
+        payload = response.json() if response.content else {}
+        if response.status_code >= 400:
+            retry = response.headers.get("retry-after")
+            raise error_from_body(response.status_code, payload, float(retry) if retry else None)
+        return EmbedResult(
+            embeddings=[decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])],
+            prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _item_payload(item: Item) -> dict[str, str]:
+    if isinstance(item, TextInput):
+        return {"text": item.text}
+    return {"image": base64.b64encode(item.data).decode("ascii")}
+
+
+class EngineSender:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
+        return await self._engine.embed(items, options)
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
