@@ -205,6 +205,10 @@ class Engine:
                                        param=f"input[{call.indices[0]}]")
         return BackendError(f"{where}: backend error {response.status}")
 
+    def pool(self, task: str, rows: np.ndarray, *, is_image: bool, options: EmbedOptions) -> np.ndarray:
+        """One input's hidden states -> its embedding, as :meth:`embed` pools them (for rows fetched elsewhere)."""
+        return self._pool(self._runtime(task), rows, is_image, options)
+
     @staticmethod
     def _pool(runtime: _TaskRuntime, rows: np.ndarray, is_image: bool, options: EmbedOptions) -> np.ndarray:
         spec = runtime.spec

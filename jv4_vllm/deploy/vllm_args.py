@@ -14,12 +14,9 @@ from pathlib import PurePosixPath
 
 from jv4_vllm.checkpoint.chat_template import CHAT_TEMPLATE_FILE
 from jv4_vllm.config import Config
+from jv4_vllm.core.pooler_contract import POOLER_CONFIG
 
-__all__ = ["CHAT_TEMPLATE_FILE", "POOLER_CONFIG", "local_command", "vllm_args", "vllm_serve_command"]
-
-# token_embed returns one row per prompt token; use_activation=false keeps the raw
-# hidden states (vLLM L2-normalises token_embed rows by default, the reference pools raw).
-POOLER_CONFIG = {"task": "token_embed", "use_activation": False}
+__all__ = ["CHAT_TEMPLATE_FILE", "local_command", "vllm_args", "vllm_serve_command"]
 
 
 def vllm_args(
