@@ -73,6 +73,10 @@ class LimitsConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard")
     allow_image_urls: bool = False
     image_url_timeout_s: float = 10.0
+    render_dpi: float = Field(144.0, gt=0, le=600, description="Resolution PDF pages are rendered at")
+    max_pdf_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_pdf_pages_per_request: int = Field(64, gt=0, description="Rendered pages over all PDFs of a request")
+    max_rerank_documents: int = Field(1000, gt=0)
 
 
 class RouterConfig(_Strict):
