@@ -3,16 +3,68 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-__all__ = ["SPEC_FILE", "TaskSpec", "load_task_spec"]
+__all__ = ["SPEC_FILE", "ImageGeometry", "TaskSpec", "load_image_geometry", "load_task_spec"]
 
 SPEC_FILE = "jv4.json"
 REQUIRED_TOKENS = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageGeometry:
+    """What the checkpoint's image processor keeps of an image (``preprocessor_config.json``)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+
+    @property
+    def factor(self) -> int:
+        """Side of the pixel square that becomes one token after merging."""
+        return self.patch_size * self.merge_size
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the processor resizes to: multiples of ``factor``, pixels within bounds."""
+        factor = self.factor
+        h = max(factor, round(height / factor) * factor)
+        w = max(factor, round(width / factor) * factor)
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h = max(factor, math.floor(height / beta / factor) * factor)
+            w = max(factor, math.floor(width / beta / factor) * factor)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h = math.ceil(height * beta / factor) * factor
+            w = math.ceil(width * beta / factor) * factor
+        return w, h
+
+    def tokens(self, width: int, height: int) -> int:
+        """Image pad tokens the image becomes in the prompt."""
+        w, h = self.resized(width, height)
+        return (w // self.factor) * (h // self.factor)
+
+
+def load_image_geometry(directory: Path) -> ImageGeometry:
+    """The image processor's bounds; the defaults are jina-embeddings-v4's."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return ImageGeometry()
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    size = raw.get("size") or {}
+    default = ImageGeometry()
+    return ImageGeometry(
+        min_pixels=int(raw.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+        max_pixels=int(raw.get("max_pixels") or size.get("longest_edge") or default.max_pixels),
+        patch_size=int(raw.get("patch_size") or default.patch_size),
+        merge_size=int(raw.get("merge_size") or default.merge_size),
+    )
 
 
 @dataclass(frozen=True)
@@ -28,6 +80,7 @@ class TaskSpec:
     token_ids: dict[str, int]
     projector_weight: np.ndarray  # [P, H] float32, the task-effective projector
     projector_bias: np.ndarray  # [P] float32
+    image: ImageGeometry
 
     @property
     def tokenizer_file(self) -> Path:
@@ -61,4 +114,5 @@ def load_task_spec(directory: str | Path) -> TaskSpec:
         token_ids={k: int(v) for k, v in raw["token_ids"].items()},
         projector_weight=np.ascontiguousarray(weight),
         projector_bias=bias,
+        image=load_image_geometry(directory),
     )
