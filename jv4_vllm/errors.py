@@ -11,7 +11,7 @@
     ├── BackendUnavailableError   503 service_unavailable (Retry-After)
     └── BackendTimeoutError       504 timeout
 
-The router renders any of these as ``{"error": {message, type, param, code}}``; the
+The router renders any of these as ``{"error": {message, type, param, code}, "detail"}``; the
 client turns such a body back into the same class with :func:`error_from_body`.
 """
 
@@ -54,7 +54,9 @@ class Jv4Error(Exception):
         self.retry_after = retry_after
 
     def to_body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """OpenAI's error object, plus the message as ``detail`` (where Jina's client libraries read it)."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
+                "detail": self.message}
 
 
 class InvalidRequestError(Jv4Error):

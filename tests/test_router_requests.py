@@ -356,7 +356,7 @@ async def test_openapi_documents_the_contract(servers: dict[str, str]) -> None:
         assert (await client.get(f"{servers['default']}/docs")).status_code == 200
     schema = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert set(schema) == {"model", "input", "dimensions", "encoding_format", "user", "task",
-                           "return_multivector", "embedding_type", "truncate"}
+                           "return_multivector", "embedding_type", "encoding_type", "truncate"}
     assert all(prop.get("description") for prop in schema.values())
     assert {"/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
 

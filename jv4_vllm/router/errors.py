@@ -1,6 +1,6 @@
 """The router's one exception handler: every failure leaves as an OpenAI error body.
 
-``{"error": {"message", "type", "param", "code"}}`` with the status of the
+``{"error": {"message", "type", "param", "code"}, "detail": message}`` with the status of the
 :mod:`jv4_vllm.errors` class and ``Retry-After`` when the error carries one. Request
 validation failures become 400s naming the field path (``input[3].image``). Anything
 unexpected is a generic 500 "internal error"; its details go to the log only.
@@ -76,7 +76,8 @@ def as_jv4_error(exc: Exception) -> Jv4Error | None:
 async def handle_error(request: Request, exc: Exception) -> Response:
     error = as_jv4_error(exc)
     if error is None and isinstance(exc, HTTPException):  # unknown route, wrong method
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None},
+                "detail": str(exc.detail)}
         return Response(orjson.dumps(body), status_code=exc.status_code, headers=exc.headers,
                         media_type="application/json")
     if error is None:

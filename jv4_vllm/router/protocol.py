@@ -8,6 +8,7 @@ shape for OpenAPI; :mod:`jv4_vllm.router.serving` reads inputs and renders respo
 from __future__ import annotations
 
 from collections.abc import Sequence
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    field_validator,
 )
 
 from jv4_vllm.core.types import EmbedOptions, parse_task
@@ -30,12 +32,14 @@ __all__ = [
     "EmbeddingsRequest",
     "EmbeddingsResponse",
     "ErrorDetail",
+    "BytesObject",
     "ErrorResponse",
     "ImageObject",
     "ModelCard",
     "ModelList",
     "MultiVectorItem",
     "TextObject",
+    "UrlObject",
     "Usage",
     "field_path",
 ]
@@ -43,7 +47,8 @@ __all__ = [
 DEFAULT_TASK = "text-matching"
 
 # Union member tags: they show up in validation error locations and are dropped from them.
-_TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object"})
+_TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object", "url-object", "bytes-object"})
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class _Schema(BaseModel):
@@ -62,17 +67,46 @@ class ImageObject(_Schema):
                                          "when the server allows it, an http(s) URL.")
 
 
+class UrlObject(_Schema):
+    url: StrictStr = Field(description="Jina's older image item: an http(s) URL (when the server allows image "
+                                       "URLs) or a data URI; same limits as image.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_or_data_uri(cls, value: str) -> str:
+        if not (_URL_RE.match(value) or value[:5].lower() == "data:"):
+            raise ValueError("must be an http(s) URL or a data URI (send base64 as {\"bytes\": ...})")
+        return value
+
+
+class BytesObject(_Schema):
+    bytes: StrictStr = Field(description="Jina's older image item: the image file as base64 (or a data URI); "
+                                         "same limits as image.")
+
+    @field_validator("bytes")
+    @classmethod
+    def _not_url(cls, value: str) -> str:
+        if _URL_RE.match(value):
+            raise ValueError('must be base64 image bytes, not a URL (send URLs as {"url": ...})')
+        return value
+
+
+# The key that names an object item's kind; an object with none or several of them is refused.
+_OBJECT_KINDS: dict[str, str] = {
+    "text": "text-object", "image": "image-object", "url": "url-object", "bytes": "bytes-object",
+}
+_MODEL_KINDS: dict[type[BaseModel], str] = {
+    TextObject: "text-object", ImageObject: "image-object", UrlObject: "url-object", BytesObject: "bytes-object",
+}
+
+
 def _item_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "string"
     if isinstance(value, dict):
-        has_text, has_image = "text" in value, "image" in value
-        return "text-object" if has_text and not has_image else "image-object" if has_image and not has_text else None
-    if isinstance(value, TextObject):
-        return "text-object"
-    if isinstance(value, ImageObject):
-        return "image-object"
-    return None
+        kinds = [tag for key, tag in _OBJECT_KINDS.items() if key in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return _MODEL_KINDS.get(type(value))
 
 
 def _input_kind(value: Any) -> str | None:
@@ -82,9 +116,12 @@ def _input_kind(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[StrictStr, Tag("string")]
     | Annotated[TextObject, Tag("text-object")]
-    | Annotated[ImageObject, Tag("image-object")],
+    | Annotated[ImageObject, Tag("image-object")]
+    | Annotated[UrlObject, Tag("url-object")]
+    | Annotated[BytesObject, Tag("bytes-object")],
     Discriminator(_item_kind, custom_error_type="invalid_input",
-                  custom_error_message='each input must be a string, {"text": ...} or {"image": ...}'),
+                  custom_error_message='each input must be a string, {"text": ...}, {"image": ...}, '
+                                       '{"url": ...} or {"bytes": ...}'),
 ]
 InputField = Annotated[
     Annotated[StrictStr, Tag("one-string")] | Annotated[list[InputItem], Tag("list"), Field(min_length=1)],
@@ -100,7 +137,8 @@ class EmbeddingsRequest(_Schema):
         None, description="The model name, or one adapter's name `<model>-<task>`; default: the model.")
     input: InputField = Field(
         description='A string, a list of strings, or a list of {"text": ...} / {"image": ...} objects '
-                    "(mixed lists allowed). One embedding per input, in order.")
+                    '(Jina\'s older {"url": ...} / {"bytes": ...} image items too; mixed lists allowed). '
+                    "One embedding per input, in order.")
     dimensions: StrictInt | None = Field(
         None, gt=0, description="Matryoshka size of single vectors (one of the model's matryoshka dims).")
     encoding_format: Literal["float", "base64"] | None = Field(
@@ -113,16 +151,22 @@ class EmbeddingsRequest(_Schema):
         False, description="Return one projected vector per token instead of one pooled vector per input.")
     embedding_type: Literal["float", "base64", "binary", "ubinary"] | None = Field(
         None, description="Jina output encoding; binary/ubinary are packed sign bits (int8/uint8).")
+    encoding_type: Literal["float", "base64", "binary", "ubinary"] | None = Field(
+        None, description="Another name for embedding_type (Jina's client libraries send this one).")
     truncate: StrictBool = Field(
         False, description="Cut over-long texts to the model's maximum instead of failing.")
 
     def output_type(self) -> EmbeddingType:
-        """embedding_type wins; encoding_format is the OpenAI spelling of the same choice."""
-        if self.embedding_type and self.encoding_format and self.embedding_type != self.encoding_format:
-            raise InvalidRequestError(
-                f"embedding_type={self.embedding_type!r} contradicts encoding_format={self.encoding_format!r}; "
-                "send one of them", param="embedding_type")
-        return self.embedding_type or self.encoding_format or "float"
+        """One choice under three names: embedding_type, encoding_type (Jina) and encoding_format (OpenAI)."""
+        given = [(name, value) for name, value in (("embedding_type", self.embedding_type),
+                                                   ("encoding_type", self.encoding_type),
+                                                   ("encoding_format", self.encoding_format)) if value]
+        for name, value in given[1:]:
+            if value != given[0][1]:
+                raise InvalidRequestError(
+                    f"{given[0][0]}={given[0][1]!r} contradicts {name}={value!r}; send one of them",
+                    param=given[0][0])
+        return given[0][1] if given else "float"  # type: ignore[return-value]
 
     def resolve_task(self, model_name: str, tasks: Sequence[str]) -> tuple[str, str]:
         """(task, role) from ``task`` and ``model`` (which may name one adapter)."""
@@ -198,6 +242,7 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+    detail: str = Field(description="The same message again, where Jina's client libraries read it.")
 
 
 class ModelCard(BaseModel):

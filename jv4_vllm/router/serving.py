@@ -19,7 +19,7 @@ from jv4_vllm.core.images import load_image
 from jv4_vllm.core.types import EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
-from jv4_vllm.router.protocol import EmbeddingsRequest, ImageObject, TextObject
+from jv4_vllm.router.protocol import BytesObject, EmbeddingsRequest, ImageObject, TextObject, UrlObject
 
 __all__ = ["render_embeddings", "request_items"]
 
@@ -36,13 +36,26 @@ async def request_items(body: EmbeddingsRequest, limits: LimitsConfig) -> list[I
     return await _items(raw, limits)
 
 
-async def _items(raw: Sequence[str | TextObject | ImageObject], limits: LimitsConfig) -> list[Item]:
+def _image_source(value: object) -> str | None:
+    """The image string of an image item in any of its spellings; None for texts."""
+    if isinstance(value, ImageObject):
+        return value.image
+    if isinstance(value, UrlObject):
+        return value.url
+    if isinstance(value, BytesObject):
+        return value.bytes
+    return None
+
+
+async def _items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject],
+                 limits: LimitsConfig) -> list[Item]:
     """Texts as they are; images read concurrently. A failure reports the lowest failing index."""
+    sources = [_image_source(value) for value in raw]
     items: list[Item | None] = [
-        TextInput(value if isinstance(value, str) else value.text) if not isinstance(value, ImageObject)
-        else None for value in raw
+        None if source is not None else TextInput(value if isinstance(value, str) else value.text)  # type: ignore[union-attr]
+        for value, source in zip(raw, sources)
     ]
-    images = [(i, value.image) for i, value in enumerate(raw) if isinstance(value, ImageObject)]
+    images = [(i, source) for i, source in enumerate(sources) if source is not None]
     if not images:
         return items  # type: ignore[return-value]
     gate = asyncio.Semaphore(IMAGE_LOAD_CONCURRENCY)
