@@ -24,11 +24,12 @@ __all__ = ["AdmissionMiddleware", "until_disconnect"]
 
 T = TypeVar("T")
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = frozenset({"/rerank"})  # aliases outside /v1/ that do model work
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 class AdmissionMiddleware:
-    """API keys on ``/v1/*`` and the request body cap, before the application sees a byte."""
+    """API keys on ``/v1/*`` and ``/rerank``, and the request body cap, before the application sees a byte."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int) -> None:
         self.app = app
@@ -41,7 +42,7 @@ class AdmissionMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            if scope["path"].startswith(PROTECTED_PREFIX):
+            if scope["path"].startswith(PROTECTED_PREFIX) or scope["path"] in PROTECTED_PATHS:
                 self.keys.check(headers.get("authorization"))
             if scope["method"] in _BODYLESS:
                 await self.app(scope, receive, send)
