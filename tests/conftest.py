@@ -80,23 +80,19 @@ def reference(demo_source: Path):
 @pytest.fixture(scope="session")
 def router_url(vllm_stack, tmp_path_factory: pytest.TempPathFactory):
     """`jv4-vllm router` as its own process, as users run it."""
-    import subprocess
     import sys
 
+    from jv4_vllm.deploy.launch import spawn, stop_children
     from vllm_stack import wait_ready, write_config
 
     path = write_config(vllm_stack, tmp_path_factory.mktemp("router") / "config.yaml")
-    log = open(path.with_suffix(".log"), "wb")
-    process = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(path)],
-                               stdout=log, stderr=subprocess.STDOUT)
+    child = spawn("router", [sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(path)], path.parent)
     url = f"http://{vllm_stack.router.host}:{vllm_stack.router.port}"
     try:
-        wait_ready(url, process)
+        wait_ready(url, child.process)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
+        stop_children([child])
 
 
 PARITY_ROWS: list[tuple[str, str, str, int, float]] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +132,18 @@ def test_errors_round_trip_through_their_body(error: Jv4Error):
     assert (back.message, back.param, back.code, back.retry_after) == (
         error.message, error.param, error.code, error.retry_after)
     assert set(error.to_body()["error"]) == {"message", "type", "param", "code"}
+
+
+# Heavy or development-only modules the router and the client must never pull in.
+NOT_IN_SERVING = ("torch", "transformers", "psutil", "matplotlib", "pyinstrument", "jv4_vllm.bench",
+                  "jv4_vllm.checkpoint", "jv4_vllm.oracle")
+
+
+@pytest.mark.parametrize("module", ["jv4_vllm.router", "jv4_vllm.client", "jv4_vllm.errors"])
+def test_serving_imports_leave_out_torch_and_dev_tools(module: str) -> None:
+    probe = (f"import json, sys; import {module}; "
+             f"print(json.dumps({{'loaded': [m for m in {NOT_IN_SERVING!r} if m in sys.modules], "
+             f"'has_module': {module!r} in sys.modules}}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    assert report == {"loaded": [], "has_module": True}, done.stderr

@@ -1,26 +1,23 @@
-"""Real vLLM CPU deployments of the demo checkpoint for tests (started once per session)."""
+"""Real vLLM CPU deployments of the demo checkpoint for tests (started once per session).
+
+Processes are started, awaited and stopped with the package's own helpers
+(:mod:`jv4_vllm.deploy.launch`); the names here only fix the tests' defaults.
+"""
 
 from __future__ import annotations
 
-import socket
-import time
+import subprocess
 from pathlib import Path
 
-import httpx
-
 from jv4_vllm.config import Config
-from jv4_vllm.deploy import launch
-from jv4_vllm.deploy.launch import Child, start_deployment, stop_children
+from jv4_vllm.deploy.launch import Child, free_port, start_deployment, stop_children, wait_until_up
+
+__all__ = ["InProcessServer", "demo_config", "free_port", "serve_shared", "shared_config", "shared_paths",
+           "start_all", "wait_healthy", "wait_ready", "write_config"]
 
 TASKS = ("retrieval", "text-matching", "code")
 MAX_MODEL_LEN = 512
 STARTUP_TIMEOUT_S = 420.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def demo_config(source: Path, prepared: Path, log_dir: Path, **backend: object) -> Config:
@@ -45,25 +42,7 @@ def demo_config(source: Path, prepared: Path, log_dir: Path, **backend: object) 
 
 def wait_healthy(urls: list[str], children: list[Child], timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     """Block until every URL answers /health, failing fast if a server process dies."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(urls)
-    while pending:
-        for child in children:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited early:\n{child.log_path.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"vLLM not healthy after {timeout_s} s: {pending}")
-        still = []
-        for url in pending:
-            try:
-                ok = httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if not ok:
-                still.append(url)
-        pending = still
-        if pending:
-            time.sleep(1.0)
+    wait_until_up([f"{url}/health" for url in urls], children, timeout_s)
 
 
 def start_all(config: Config) -> list[Child]:
@@ -110,13 +89,9 @@ def write_config(config: Config, path: Path) -> Path:
     return path
 
 
-def wait_ready(url: str, process=None, timeout_s: float = 120.0) -> None:  # noqa: ANN001
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 120.0) -> None:
     """Until ``url``/ready answers 200; fails at once if ``process`` exits."""
-    def check_alive() -> None:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}")
-
-    launch.wait_ready(url, check_alive, timeout_s)
+    wait_until_up([f"{url}/ready"], [process] if process is not None else [], timeout_s)
 
 
 # ---- a shared demo stack for development (JV4_TEST_STACK_DIR) ------------------------------------

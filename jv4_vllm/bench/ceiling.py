@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from jv4_vllm.config import Config
-from jv4_vllm.core.engine import POOLING_PATH
+from jv4_vllm.core.pooler_contract import POOLING_PATH
 from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.spec import TaskSpec
 from jv4_vllm.bench.loadgen import CpuMeter, Measurement, closed_loop, percentile_ms
@@ -90,7 +90,7 @@ class _Ceiling:
         meter = CpuMeter()
         replay, url = self.stack.start_replay(recording.body_file, recording.metadata_file, name)
         meter.watch("replay", replay.process.pid)
-        direct = VllmPath(f"{name}-direct", url, "replay", self.spec, self.prompts, self.http, "bytes")
+        direct = VllmPath(f"{name}-direct", url, "replay", self.prompts, self.http, "bytes")
         return meter, direct, bench_config(self.settings, upstream_url=url), url
 
     def _router(self, config: Config, name: str, meter: CpuMeter | None = None,

@@ -11,12 +11,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 
 from jv4_vllm.bench.paths import Outcome
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = ["CpuMeter", "Measurement", "closed_loop", "percentile_ms"]
 
@@ -50,6 +53,15 @@ def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
     return float(np.percentile(latencies_s, q) * 1000) if latencies_s else None
 
 
+def _psutil() -> ModuleType:
+    """psutil is a development tool (the ``dev`` extra): imported only when a meter is made."""
+    try:
+        import psutil
+    except ImportError as exc:
+        raise ImportError("the benchmark measures CPU time with psutil: install jv4_vllm[dev]") from exc
+    return psutil
+
+
 class CpuMeter:
     """CPU seconds (user + system, all threads) of named processes and of the whole machine.
 
@@ -59,19 +71,19 @@ class CpuMeter:
     """
 
     def __init__(self) -> None:
-        self._processes: dict[str, tuple[psutil.Process, bool]] = {"bench": (psutil.Process(), False)}
+        self._ps = _psutil()
+        self._processes: dict[str, tuple[psutil.Process, bool]] = {"bench": (self._ps.Process(), False)}
 
     def watch(self, name: str, pid: int) -> None:
         """Watch a process and its descendants (vLLM's API server runs its engine in a child)."""
-        self._processes[name] = (psutil.Process(pid), True)
+        self._processes[name] = (self._ps.Process(pid), True)
 
-    @staticmethod
-    def _seconds(root: psutil.Process, tree: bool) -> float:
+    def _seconds(self, root: psutil.Process, tree: bool) -> float:
         total = 0.0
         for process in [root, *root.children(recursive=True)] if tree else [root]:
             try:
                 times = process.cpu_times()
-            except psutil.Error:
+            except self._ps.Error:
                 continue
             total += times.user + times.system
         return total
@@ -81,9 +93,9 @@ class CpuMeter:
         for name, (root, tree) in self._processes.items():
             try:
                 out[name] = self._seconds(root, tree)
-            except psutil.Error:
+            except self._ps.Error:
                 continue
-        t = psutil.cpu_times()
+        t = self._ps.cpu_times()
         out["machine"] = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
         return out
 

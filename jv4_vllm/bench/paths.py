@@ -2,14 +2,14 @@
 
 Every path turns a list of workload indices into one request (built before the clock
 starts) and returns an :class:`Outcome`. The direct vLLM paths stop at the wire (decoded
-hidden states, no pooling); :meth:`VllmPath.vectors` pools them afterwards, only for the
-cross-path equality check.
+hidden states, no pooling); :meth:`VllmPath.vectors` pools them afterwards with the
+engine's own pooling, only for the cross-path equality check. The router path is the
+client's own router sender.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,13 +17,13 @@ import httpx
 import numpy as np
 import orjson
 
-from jv4_vllm.core import pooling
-from jv4_vllm.core.engine import POOLING_PATH, Engine
-from jv4_vllm.core.prompts import PromptBuilder
-from jv4_vllm.core.spec import TaskSpec
-from jv4_vllm.core.types import EmbedOptions, TextInput
-from jv4_vllm.core.wire import decode_embedding_item, decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
 from jv4_vllm.bench.workloads import Workload
+from jv4_vllm.client.senders import RouterSender
+from jv4_vllm.core.engine import Engine
+from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
+from jv4_vllm.core.prompts import PromptBuilder
+from jv4_vllm.core.types import EmbedOptions
+from jv4_vllm.core.wire import decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
 
 __all__ = ["EnginePath", "Outcome", "ReferencePath", "RouterPath", "VllmPath", "json_post"]
 
@@ -55,13 +55,14 @@ class VllmPath:
 
     per_mode = False  # the wire does not depend on single/multi
 
-    def __init__(self, name: str, url: str, served_name: str, spec: TaskSpec, prompts: PromptBuilder,
-                 http: httpx.AsyncClient, encoding: Literal["float", "bytes"]) -> None:
+    def __init__(self, name: str, url: str, served_name: str, prompts: PromptBuilder, http: httpx.AsyncClient,
+                 encoding: Literal["float", "bytes"], engine: Engine | None = None, task: str = "") -> None:
         self.name = name
         self._url = url.rstrip("/") + POOLING_PATH
-        self._spec, self._prompts, self._http = spec, prompts, http
+        self._prompts, self._http = prompts, http
+        self._engine, self._task = engine, task  # pools the rows for the equality check
         wire = pooling_wire_fields("float16") if encoding == "bytes" else {"encoding_format": "float"}
-        self._fields = {**wire, "task": "token_embed", "use_activation": False, "model": served_name}
+        self._fields = {**wire, **POOLER_CONFIG, "model": served_name}
         self._bytes = encoding == "bytes"
 
     def request(self, workload: Workload, mode: Mode, indices: list[int]) -> list[bytes]:
@@ -89,15 +90,12 @@ class VllmPath:
         return Outcome(len(arrays), tokens, wire, arrays)
 
     def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
-        """Pool the decoded hidden states exactly as the engine does (for the equality check)."""
-        spec, out = self._spec, []
-        for rows in outcome.arrays:
-            if mode == "multi":
-                out.append(pooling.multi_vector(rows, spec.projector_weight, spec.projector_bias))
-                continue
-            start, stop = self._prompts.vision_span(rows.shape[0]) if workload.is_image else (0, None)
-            out.append(pooling.single_vector(rows, start=start, stop=stop))
-        return out
+        """Pool the decoded hidden states with the engine's pooling (for the equality check)."""
+        if self._engine is None:
+            raise RuntimeError(f"{self.name}: no engine to pool with")
+        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        return [self._engine.pool(self._task, rows, is_image=workload.is_image, options=options)
+                for rows in outcome.arrays]
 
 
 class EnginePath:
@@ -123,28 +121,24 @@ class EnginePath:
 
 
 class RouterPath:
-    """The full router over HTTP, answering base64 float32 (the OpenAI SDK's default)."""
+    """The full router over HTTP through the client's own sender, answering base64 float32."""
 
     per_mode = True
 
     def __init__(self, url: str, model: str, task: str, http: httpx.AsyncClient, name: str = "router") -> None:
         self.name = name
-        self._url = url.rstrip("/") + "/v1/embeddings"
-        self._model, self._task, self._http = model, task, http
+        self._sender = RouterSender(url, None, model, timeout=0.0, http=http)  # ``http`` sets the timeouts
+        self._task = task
 
     def request(self, workload: Workload, mode: Mode, indices: list[int]) -> bytes:
-        inputs = [{"text": item.text} if isinstance(item, TextInput)
-                  else {"image": base64.b64encode(item.data).decode("ascii")}
-                  for item in (workload.items[i] for i in indices)]
-        return orjson.dumps({"model": self._model, "input": inputs, "task": f"{self._task}.{workload.role}",
-                             "embedding_type": "base64", "return_multivector": mode == "multi"})
+        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        return self._sender.body([workload.items[i] for i in indices], options)
 
     async def send(self, body: bytes) -> Outcome:
-        response = await json_post(self._http, self._url, body)
-        payload = orjson.loads(response.content)
-        arrays = [decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])]
-        return Outcome(len(arrays), int(payload["usage"]["prompt_tokens"]), len(body) + len(response.content),
-                       arrays)
+        response = await self._sender.post(body)
+        result = self._sender.result(response)
+        return Outcome(len(result.embeddings), result.prompt_tokens, len(body) + len(response.content),
+                       result.embeddings)
 
     def vectors(self, outcome: Outcome, workload: Workload, mode: Mode) -> list[np.ndarray]:
         return outcome.arrays

@@ -90,13 +90,14 @@ class _Runner:
             self.reference = ReferencePath(str(s.source), s.task, s.reference_batch)
         vllm_url = self._start_vllm(config)
         served = config.served_name(s.task)
-        for name, encoding in zip(DIRECT_PATHS, ("float", "bytes"), strict=True):
-            if name in s.paths:
-                self.paths[name] = VllmPath(name, vllm_url, served, spec, prompts, http, encoding)
-        engine = await Engine.start(config) if "engine" in s.paths else None
+        # The engine runs its own path, and pools the direct paths' hidden states for the equality check.
+        engine = await Engine.start(config) if {"engine", *DIRECT_PATHS} & set(s.paths) else None
         recordings: dict[str, Recording] = {}
         try:
-            if engine is not None:
+            for name, encoding in zip(DIRECT_PATHS, ("float", "bytes"), strict=True):
+                if name in s.paths:
+                    self.paths[name] = VllmPath(name, vllm_url, served, prompts, http, encoding, engine, s.task)
+            if engine is not None and "engine" in s.paths:
                 self.paths["engine"] = EnginePath(engine, s.task)
             if "router" in s.paths:
                 router, router_url = self.stack.start_router(config, "bench-router")
@@ -105,7 +106,7 @@ class _Runner:
             for workload in workloads.values():
                 await self._probe(workload)
             if s.ceiling_s > 0:  # real answers for the replay upstreams
-                recorder = VllmPath("recorder", vllm_url, served, spec, prompts, http, "bytes")
+                recorder = VllmPath("recorder", vllm_url, served, prompts, http, "bytes")
                 for name in ("query", "passage"):
                     if name in workloads:
                         body = recorder.request(workloads[name], "single", [0])[0]

@@ -1,38 +1,27 @@
 """The processes a run starts (one vLLM deployment, router processes, the replay upstream) and stops.
 
-Every child runs in its own process group and is stopped by its PID with
-:func:`jv4_vllm.deploy.launch.stop_children`, whatever happens to the run.
+Started, waited on and stopped with the helpers of :mod:`jv4_vllm.deploy.launch`: every
+child runs in its own process group and is stopped by its PID, whatever happens to the run.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import yaml
 
-from jv4_vllm.config import Config
-from jv4_vllm.deploy.launch import Child, start_deployment, stop_children
 from jv4_vllm.bench.settings import BenchSettings
+from jv4_vllm.config import Config
+from jv4_vllm.deploy.launch import Child, free_port, spawn, start_deployment, stop_children, wait_until_up
 
-__all__ = ["Stack", "bench_config", "free_port"]
+__all__ = ["Stack", "bench_config"]
 
 STARTUP_TIMEOUT_S = 600.0
 INTERRUPT_GRACE_S = 30.0
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bench_config(settings: BenchSettings, upstream_url: str | None = None) -> Config:
@@ -81,12 +70,13 @@ class Stack:
         child = start_deployment(config, task, name=f"bench-vllm-{task}")
         self.children.append(child)
         url = config.deployments[task].urls[0]
-        self._wait(child, f"{url}/health")
+        wait_until_up([f"{url}/health"], [child], STARTUP_TIMEOUT_S)
         return child, url
 
     def start_router(self, config: Config, name: str, profile_to: Path | None = None,
                      env: dict[str, str] | None = None) -> tuple[Child, str]:
         """A real router process (``jv4-vllm router``), optionally under pyinstrument or with extra env."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # nothing may have been started yet (--vllm-url)
         config_path = self.log_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         # --log-level too: the CLI configures logging before the router reads its own log_level.
@@ -97,7 +87,7 @@ class Stack:
                        *command[1:]]
         child = self._spawn(name, command, env)
         url = f"http://{config.router.host}:{config.router.port}"
-        self._wait(child, f"{url}/ready")
+        wait_until_up([f"{url}/ready"], [child], STARTUP_TIMEOUT_S)
         return child, url
 
     def start_replay(self, body_file: Path, metadata_file: Path, name: str) -> tuple[Child, str]:
@@ -106,32 +96,10 @@ class Stack:
                    "--metadata", str(metadata_file), "--port", str(port)]
         child = self._spawn(f"bench-{name}", command)
         url = f"http://127.0.0.1:{port}"
-        self._wait(child, f"{url}/health")
+        wait_until_up([f"{url}/health"], [child], STARTUP_TIMEOUT_S)
         return child, url
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")
-        log_file.write(f"$ {shlex.join(command)}\n".encode())
-        log_file.flush()
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
-        child = Child(name, process, log_path, log_file)
+        child = spawn(name, command, self.log_dir, env)
         self.children.append(child)
         return child
-
-    @staticmethod
-    def _wait(child: Child, url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if child.process.poll() is not None:
-                tail = child.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}:\n{tail}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{child.name}: {url} not ready after {timeout_s:.0f} s (log: {child.log_path})")

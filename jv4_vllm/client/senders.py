@@ -10,6 +10,7 @@ import base64
 from typing import Any, Awaitable, Callable
 
 import httpx
+import orjson
 
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
@@ -19,17 +20,27 @@ from jv4_vllm.errors import error_from_body
 __all__ = ["EngineSender", "RouterSender", "Sender"]
 
 Sender = Callable[[list[Item], EmbedOptions], Awaitable[EmbedResult]]
+EMBEDDINGS_PATH = "/v1/embeddings"
+_JSON = {"content-type": "application/json"}
 
 
 class RouterSender:
-    """Sends items to a jv4_vllm router's /v1/embeddings (base64 float32 on the wire)."""
+    """Sends items to a jv4_vllm router's /v1/embeddings (base64 float32 on the wire).
 
-    def __init__(self, url: str, api_key: str | None, model: str, timeout: float) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+    :meth:`body`, :meth:`post` and :meth:`result` are the three steps of a call, apart so a
+    load generator can build bodies before its clock starts and count the bytes it moves.
+    """
+
+    def __init__(self, url: str, api_key: str | None, model: str, timeout: float,
+                 *, http: httpx.AsyncClient | None = None) -> None:
+        self._url = url.rstrip("/") + EMBEDDINGS_PATH
+        self._headers = {"Authorization": f"Bearer {api_key}", **_JSON} if api_key else dict(_JSON)
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=timeout)
         self._model = model
 
-    async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
+    def body(self, items: list[Item], options: EmbedOptions) -> bytes:
+        """The request body for ``items``: our task names, base64 answers."""
         body: dict[str, Any] = {
             "model": self._model,
             "input": [_item_payload(item) for item in items],
@@ -40,18 +51,32 @@ class RouterSender:
         }
         if options.dimensions is not None:
             body["dimensions"] = options.dimensions
-        response = await self._http.post("/v1/embeddings", json=body)
-        payload = response.json() if response.content else {}
+        return orjson.dumps(body)
+
+    async def post(self, body: bytes) -> httpx.Response:
+        """POST one body; an error answer raises the class the router rendered."""
+        response = await self._http.post(self._url, content=body, headers=self._headers)
         if response.status_code >= 400:
+            payload = response.json() if response.content else {}
             retry = response.headers.get("retry-after")
             raise error_from_body(response.status_code, payload, float(retry) if retry else None)
+        return response
+
+    @staticmethod
+    def result(response: httpx.Response) -> EmbedResult:
+        """The embeddings of a successful answer, in input order."""
+        payload = orjson.loads(response.content)
         return EmbedResult(
             embeddings=[decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])],
             prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)),
         )
 
+    async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
+        return self.result(await self.post(self.body(items, options)))
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._own_http:
+            await self._http.aclose()
 
 
 def _item_payload(item: Item) -> dict[str, str]:

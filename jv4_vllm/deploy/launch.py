@@ -1,64 +1,85 @@
-"""Start things on this machine: one task's vLLM server, or the whole stack (``up``)."""
+"""Start things on this machine: one task's vLLM server, or the whole stack (``up``).
+
+The process helpers here (:func:`spawn`, :func:`start_deployment`, :func:`wait_until_up`,
+:func:`stop_children`, :func:`free_port`) are the only ones: the benchmark and the tests
+start and stop their processes with them too.
+"""
 
 from __future__ import annotations
 
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import httpx
 
 from jv4_vllm.config import Config
-from jv4_vllm.deploy.vllm_args import local_command
 from jv4_vllm.core.spec import SPEC_FILE
+from jv4_vllm.deploy.vllm_args import local_command
 
-__all__ = ["Child", "serve_adapter", "start_deployment", "stop_children", "up", "wait_ready"]
+__all__ = ["Child", "free_port", "serve_adapter", "spawn", "start_deployment", "stop_children", "up", "wait_until_up"]
 
 STOP_GRACE_S = 20.0
-
-
-def _vllm_env(config: Config) -> dict[str, str]:
-    return {**os.environ, **config.vllm.env}
+LOG_TAIL_CHARS = 3000
 
 
 def serve_adapter(config: Config, task: str, host: str = "0.0.0.0") -> int:
     """Replace this process with the task's vLLM server, after printing the exact command."""
     command = local_command(config, task, host=host)
     print(shlex.join(command), flush=True)
-    os.execvpe(command[0], command, _vllm_env(config))
+    os.execvpe(command[0], command, {**os.environ, **config.vllm.env})
     return 0  # not reached
 
 
 @dataclass
 class Child:
+    """A process this package started: its own process group, its output in ``log_path``."""
+
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
 
+    def check(self) -> None:
+        """Raise RuntimeError, with the end of the log, if the process has exited."""
+        code = self.process.poll()
+        if code is not None:
+            tail = self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            raise RuntimeError(f"{self.name} exited with code {code}; its log ({self.log_path}) ends:\n{tail}")
 
-def _spawn(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> Child:
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(name: str, command: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Child:
+    """Start ``command`` in the background, ``env`` over this environment, output to ``log_dir/name.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")
     log_file.write(f"$ {shlex.join(command)}\n".encode())
     log_file.flush()
-    # Own process group: stopping the stack reaches the server's helpers too.
-    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    # Own process group: stopping it reaches the server's helpers too.
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log_file,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return Child(name, process, log_path, log_file)
 
 
 def start_deployment(config: Config, task: str, *, port: int | None = None, name: str | None = None) -> Child:
     """Start one task's vLLM server on loopback in the background."""
     command = local_command(config, task, host="127.0.0.1", port=port)
-    return _spawn(name or f"vllm-{task}", command, _vllm_env(config), config.log_dir)
+    return spawn(name or f"vllm-{task}", command, config.log_dir, config.vllm.env)
 
 
 def stop_children(children: list[Child]) -> None:
@@ -83,6 +104,32 @@ def stop_children(children: list[Child]) -> None:
         child.log_file.close()
 
 
+def wait_until_up(urls: Sequence[str], children: Sequence[Child | subprocess.Popen[bytes]] = (),
+                  timeout_s: float = 600.0) -> None:
+    """Poll every URL until it answers 200; fail at once if one of ``children`` exits meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    while True:
+        for child in children:
+            if isinstance(child, Child):
+                child.check()
+            elif child.poll() is not None:
+                raise RuntimeError(f"process {child.pid} exited with code {child.returncode}")
+        pending = [url for url in pending if not _answers_200(url)]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not up after {timeout_s:.0f} s: {', '.join(pending)}")
+        time.sleep(0.5)
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _prepare_missing(config: Config) -> None:
     missing = [t for t in config.tasks if not (config.task_dir(t) / SPEC_FILE).is_file()]
     if missing:
@@ -100,27 +147,6 @@ class _Stop(Exception):
     pass
 
 
-def wait_ready(url: str, check_alive: Callable[[], None], timeout_s: float) -> None:
-    """Poll ``url``/ready until it answers 200; ``check_alive`` raises if a process died meanwhile."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        check_alive()
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready after {timeout_s:.0f} s")
-
-
-def _check_alive(children: list[Child]) -> None:
-    for child in children:
-        code = child.process.poll()
-        if code is not None:
-            raise RuntimeError(f"{child.name} exited with code {code}; its log: {child.log_path}")
-
-
 def up(config: Config, config_path: Path) -> int:
     """Prepare, start the three deployments and the router, wait for /ready, supervise."""
     _prepare_missing(config)
@@ -134,16 +160,17 @@ def up(config: Config, config_path: Path) -> int:
         for task in config.tasks:
             children.append(start_deployment(config, task, port=config.deployments[task].port))
         router_cmd = [sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(config_path)]
-        children.append(_spawn("router", router_cmd, dict(os.environ), config.log_dir))
+        children.append(spawn("router", router_cmd, config.log_dir))
         url = _router_url(config)
         print(f"starting {len(children) - 1} vLLM deployments and the router (logs in {config.log_dir}/)", flush=True)
-        wait_ready(url, lambda: _check_alive(children), config.backend.startup_timeout_s)
+        wait_until_up([f"{url}/ready"], children, config.backend.startup_timeout_s)
         print(f"ready: {url}/v1/embeddings", flush=True)
         print(f"  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{config.model_name}\", \"input\": [\"hello\"], \"task\": \"retrieval.query\"}}'",
               flush=True)
         while True:
-            _check_alive(children)
+            for child in children:
+                child.check()
             time.sleep(1.0)
     except _Stop as stop:
         print(f"{stop}: stopping the stack", flush=True)
