@@ -14,7 +14,7 @@ embeds images for multi-modal indexes. Needs ``pip install 'jv4_vllm[llama-index
 from __future__ import annotations
 
 import io
-from typing import Any, Optional
+from typing import Any
 
 try:
     from llama_index.core.base.embeddings.base import Embedding
@@ -44,13 +44,13 @@ class JinaV4Embedding(MultiModalEmbedding):
 
     base_url: str = Field(description="URL of the jv4_vllm router (without /v1).")
     task: str = Field(default="retrieval", description="Adapter: retrieval, code or text-matching.")
-    dimensions: Optional[int] = Field(default=None, description="Matryoshka truncation; None keeps the full size.")
+    dimensions: int | None = Field(default=None, description="Matryoshka truncation; None keeps the full size.")
     timeout: float = Field(default=300.0, description="Seconds to wait for one request.")
     max_concurrency: int = Field(default=4, description="Requests in flight at once per call.")
-    api_key: Optional[str] = Field(default=None, exclude=True, repr=False,
+    api_key: str | None = Field(default=None, exclude=True, repr=False,
                                    description="Bearer key for the router (never serialised).")
 
-    _clients: Optional[RoleClients] = PrivateAttr(default=None)
+    _clients: RoleClients | None = PrivateAttr(default=None)
 
     def __init__(self, base_url: str, *, task: str = "retrieval", dimensions: int | None = None,
                  api_key: str | None = None, model_name: str = DEFAULT_MODEL,
