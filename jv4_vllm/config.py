@@ -54,8 +54,10 @@ class BackendSettings(_Strict):
     wire_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one /pooling call")
     max_batch_items: int = Field(64, gt=0, description="Texts in one /pooling call at most")
-    max_concurrency_per_replica: int = Field(16, gt=0)
-    max_queue: int = Field(1024, ge=0, description="Calls waiting for a replica before 429")
+    tokens_in_flight_per_replica: int = Field(
+        65536, gt=0, description="Prompt tokens in flight per healthy replica (admission budget of a task)")
+    max_queue: int = Field(1024, ge=0, description="Requests waiting for admission before 429")
+    late_chunking_overlap: int = Field(256, ge=0, description="Tokens of context shared by long late-chunking windows")
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 300.0
     health_interval_s: float = 2.0
@@ -68,9 +70,16 @@ class LimitsConfig(_Strict):
     """Admission limits of the router (and the direct client's checks)."""
 
     max_inputs_per_request: int = Field(2048, gt=0)
+    max_request_tokens: int = Field(
+        1 << 20, gt=0, description="Prompt tokens of one request at most (413 past it); images count their tokens")
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_image_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard")
+    max_image_pixels: int | None = Field(
+        None, gt=0, description="Pixel limit read from the header before any decode; unset, it follows "
+                                "the model: 64x the processor's max_pixels, at most 40 M (decompression-bomb guard)")
+    image_alpha: Literal["reference", "white"] = Field(
+        "reference", description="reference: image files lose transparency as the reference loads them "
+                                 "(convert('RGB')); white: every image is composited onto white")
     allow_image_urls: bool = False
     image_url_timeout_s: float = 10.0
     render_dpi: float = Field(144.0, gt=0, le=600, description="Resolution PDF pages are rendered at")

@@ -1,4 +1,8 @@
-"""ReplicaPool behaviour against small loopback servers: retry elsewhere, least outstanding, timeouts."""
+"""ReplicaPool behaviour against small loopback servers: retry elsewhere, least outstanding, timeouts.
+
+These servers stand in for faults real vLLM cannot be made to produce on demand (a 5xx, a
+stall); the numbers the engine pools are tested on real vLLM elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from jv4_vllm.core.replicas import ReplicaPool
+from aiohttp import ClientResponse
+
 from jv4_vllm.config import BackendSettings
+from jv4_vllm.core.replicas import ReplicaPool
 from jv4_vllm.errors import BackendError, BackendTimeoutError
 from vllm_stack import free_port
 
@@ -26,6 +32,8 @@ class Replica:
     async def _pooling(self, request: web.Request) -> web.Response:
         self.calls += 1
         await asyncio.sleep(self.delay)
+        if self.status >= 400:
+            return web.json_response({"error": {"message": f"engine fault {self.port}"}}, status=self.status)
         return web.Response(status=self.status, body=b"ok", headers={"metadata": "{}"})
 
     @staticmethod
@@ -56,30 +64,38 @@ async def started_pool(*replicas: Replica, **overrides: object) -> AsyncIterator
         await pool.aclose()
 
 
+async def read_body(response: ClientResponse) -> bytes:
+    return await response.read()
+
+
 async def test_a_5xx_is_retried_once_on_the_other_replica():
     async with Replica(status=500) as bad, Replica() as good, started_pool(bad, good) as pool:
-        # One request already on the good replica: least-outstanding choice tries the failing one first.
+        # Work already on the good replica: least-outstanding choice tries the failing one first.
         busy = next(r for r in pool.replicas if r.url == good.url)
-        busy.in_flight += 1
-        response = await pool.post("/pooling", {"input": [[1, 2]]})
-        assert response.status == 200 and response.content == b"ok"
+        busy.tokens_in_flight += 1
+        assert await pool.call("/pooling", {"input": [[1, 2]]}, 2, read_body) == b"ok"
         assert (bad.calls, good.calls) == (1, 1)  # exactly one retry, on the other replica
 
 
-async def test_both_replicas_failing_is_a_backend_error():
+async def test_both_replicas_failing_keeps_vllms_message():
     async with Replica(status=503) as one, Replica(status=500) as two, started_pool(one, two) as pool:
-        with pytest.raises(BackendError, match="backend failed"):
-            await pool.post("/pooling", {})
+        with pytest.raises(BackendError, match="backend failed") as caught:
+            await pool.call("/pooling", {}, 1, read_body)
         assert one.calls == 1 and two.calls == 1
+        assert caught.value.status == 502
+        assert "engine fault" in caught.value.message  # vLLM's own message reaches the error
 
 
-async def test_calls_spread_by_least_outstanding_requests():
+async def test_calls_spread_by_least_outstanding_tokens():
     async with Replica(delay=0.2) as a, Replica(delay=0.2) as b, started_pool(a, b) as pool:
-        await asyncio.gather(*(pool.post("/pooling", {}) for _ in range(10)))
+        await asyncio.gather(*(pool.call("/pooling", {}, 10, read_body) for _ in range(10)))
         assert a.calls == 5 and b.calls == 5
 
 
-async def test_a_slow_replica_times_out_with_a_504():
-    async with Replica(delay=3.0) as slow, started_pool(slow, request_timeout_s=0.5) as pool:
-        with pytest.raises(BackendTimeoutError):
-            await pool.post("/pooling", {})
+async def test_a_timeout_is_a_504_and_is_not_retried():
+    async with Replica(delay=3.0) as slow, Replica(delay=3.0) as other, \
+            started_pool(slow, other, request_timeout_s=0.5) as pool:
+        with pytest.raises(BackendTimeoutError) as caught:
+            await pool.call("/pooling", {}, 1, read_body)
+        assert caught.value.status == 504
+        assert slow.calls + other.calls == 1  # the slowest calls are not sent twice

@@ -22,6 +22,7 @@ import pytest_asyncio
 import uvicorn
 from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import DNSLogger, DNSServer
+from aiohttp import ClientResponse
 from fastapi import FastAPI, Request, Response
 
 from jv4_vllm.core.replicas import ReplicaPool
@@ -130,9 +131,9 @@ async def replicas() -> AsyncIterator[tuple[int, Counter[str]]]:
 
 
 def _settings(dns_server: str) -> BackendSettings:
-    """Room for the whole burst on one replica, so only least-outstanding choice spreads it."""
+    """Fast DNS refresh and health checks; least-outstanding choice spreads a burst."""
     return BackendSettings(dns_server=dns_server, dns_refresh_s=REFRESH_S, health_interval_s=REFRESH_S,
-                           max_concurrency_per_replica=CALLS, connect_timeout_s=2.0, request_timeout_s=5.0)
+                           connect_timeout_s=2.0, request_timeout_s=5.0)
 
 
 @contextlib.asynccontextmanager
@@ -149,10 +150,12 @@ async def _burst(pool: ReplicaPool, served: Counter[str]) -> Counter[str]:
     """CALLS concurrent /pooling calls; which address served how many. Every answer must decode."""
     served.clear()
     body = {"input": ["def add(a, b): return a + b"], "task": "token_embed", **pooling_wire_fields("float16")}
-    responses = await asyncio.gather(*(pool.post("/pooling", body) for _ in range(CALLS)))
-    for response in responses:
-        assert response.status == 200
-        rows, tokens = decode_pooling_bytes(response.content, response.metadata)
+    async def read(response: ClientResponse) -> tuple[bytes, str]:
+        return await response.read(), response.headers["metadata"]
+
+    answers = await asyncio.gather(*(pool.call("/pooling", body, 1, read) for _ in range(CALLS)))
+    for content, metadata in answers:
+        rows, tokens = decode_pooling_bytes(content, metadata)
         np.testing.assert_array_equal(rows[0], ROWS)
         assert tokens == ROWS.shape[0]
     assert sum(served.values()) == CALLS
@@ -197,5 +200,5 @@ async def test_unresolvable_name_is_unavailable_at_once(dns_server, replicas) ->
         assert pool.stats() == []
         assert not pool.healthy()
         with pytest.raises(BackendUnavailableError) as caught:
-            await asyncio.wait_for(pool.post("/pooling", {"input": ["x"]}), timeout=2.0)
+            await asyncio.wait_for(pool.call("/pooling", {"input": ["x"]}, 1, ClientResponse.read), timeout=2.0)
         assert caught.value.status == 503

@@ -1,4 +1,5 @@
-"""Admission under load: a full wait queue is a 429 with Retry-After, a task with no live replica a 503.
+"""Admission under load: a full wait queue (counted in requests) is a 429 with Retry-After, a task with no
+live replica a 503.
 
 The router (``create_app(config)``, engine started in its lifespan) runs on a real uvicorn
 server. Its one task's only replica is a slow stand-in on loopback: it answers /health at
@@ -92,7 +93,7 @@ def make_config(prepared_dir: Path, replica_url: str) -> Config:
         "router": {"host": "127.0.0.1", "port": free_port(), "api_keys_env": "JV4_TEST_UNSET_KEYS"},
         "deployments": {TASK: {"urls": [replica_url]}},
         "vllm": {"max_model_len": 512},
-        "backend": {"max_concurrency_per_replica": 1, "max_queue": 1, "health_interval_s": 0.5},
+        "backend": {"tokens_in_flight_per_replica": 1, "max_queue": 1, "health_interval_s": 0.5},
     })
 
 

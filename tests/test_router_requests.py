@@ -137,7 +137,7 @@ ROWS = [
     Row("input-lone-surrogate", 400, "input[0]", "not valid Unicode", raw=b'{"input": "\\ud800"}'),
     Row("too-many-inputs", 413, "input", f"limit is {MAX_INPUTS}", body={"input": ["a"] * (MAX_INPUTS + 1)},
         code="too_many_inputs"),
-    Row("too-long-no-truncate", 400, "input[1]", r"input\[1\] has \d+ tokens", body={"input": ["ok", LONG_TEXT]},
+    Row("too-long-no-truncate", 400, "input[1]", r"input\[1\] has more than the maximum of \d+ tokens", body={"input": ["ok", LONG_TEXT]},
         code="input_too_long"),
     # model and task
     Row("unknown-model", 404, "model", "not served here", body={"input": "a", "model": "text-embedding-3-small"},

@@ -20,6 +20,18 @@ from jv4_vllm.core.types import ImageInput, Role
 
 __all__ = ["ImageLayout", "PromptBuilder"]
 
+HEAD_CHARS_PER_TOKEN = 8  # first guess of characters per token when tokenising the head of a long text
+_SAFE_WINDOW = 4096  # how far back from the wanted length to look for a safe cut
+
+
+def _safe_cut(text: str, near: int) -> int | None:
+    """A position at most ``near`` where a letter or digit is followed by a space, or None."""
+    stop = min(near, len(text) - 1)
+    for position in range(stop, max(0, stop - _SAFE_WINDOW), -1):
+        if text[position] == " " and text[position - 1].isalnum():
+            return position
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class ImageLayout:
@@ -58,10 +70,50 @@ class PromptBuilder:
     def text_prompt(self, text: str, role: Role) -> str:
         return self.spec.prefixes[role] + text
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     def tokenize_texts(self, texts: Sequence[str], role: Role) -> list[list[int]]:
         """Token ids of each text's full prompt (prefix included)."""
         encodings = self._tokenizer.encode_batch([self.text_prompt(t, role) for t in texts])
         return [encoding.ids for encoding in encodings]
+
+    def tokenize_capped(self, texts: Sequence[str], role: Role, limit: int) -> list[list[int]]:
+        """Token ids of each prompt, but at most ``limit + 1`` of them: exactly the first tokens of the
+        full tokenisation, found without tokenising all of a long text (``limit + 1`` means "too long").
+
+        A prompt of at most ``limit`` UTF-8 bytes cannot have more tokens than that (byte-level BPE),
+        so short texts are tokenised whole. A long text is tokenised a growing head at a time, cut
+        where a letter or digit meets a space: the pre-tokenizer never joins across that point, so
+        the head's tokens are the full text's first tokens.
+        """
+        prompts = [self.text_prompt(t, role) for t in texts]
+        short = [i for i, p in enumerate(prompts) if len(p) <= limit and len(p.encode("utf-8")) <= limit]
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, encoding in zip(short, self._tokenizer.encode_batch([prompts[i] for i in short])):
+            out[i] = encoding.ids
+        for i in sorted(set(range(len(prompts))) - set(short)):
+            out[i] = self._head_ids(prompts[i], limit + 1)
+        return out
+
+    def _head_ids(self, prompt: str, count: int) -> list[int]:
+        """The first ``count`` token ids of ``prompt`` (all of them when it has fewer)."""
+        chars = max(count * HEAD_CHARS_PER_TOKEN, 1024)
+        while chars < len(prompt):
+            cut = _safe_cut(prompt, chars)
+            if cut is None:
+                break
+            ids = self._tokenizer.encode(prompt[:cut], add_special_tokens=False).ids
+            if len(ids) >= count:
+                return ids[:count]
+            chars *= 2
+        return self._tokenizer.encode(prompt, add_special_tokens=False).ids[:count]
+
+    def image_tokens(self, image: ImageInput) -> int:
+        """Prompt tokens of an image's prompt: the vision span plus the chat text around it."""
+        layout = self.image_layout
+        return layout.prefix_tokens + layout.suffix_tokens + 2 + self.spec.image.tokens(image.width, image.height)
 
     @staticmethod
     def text_body(token_ids: Sequence[Sequence[int]]) -> dict[str, Any]:

@@ -1,61 +1,65 @@
 """An async pool of vLLM replicas for one deployment.
 
-Least-outstanding-requests choice among healthy replicas, background health checks
-that take a failing replica out and bring it back, one retry on another replica for
-connection failures and 5xx (pooling calls are idempotent), per-call timeouts, and a
-bounded wait queue (429 when full, 503 when nothing is healthy). A URL of the form
-``dns+http://name:port`` is re-resolved periodically to ALL its addresses, so a
-Kubernetes headless Service spreads load over every pod.
+Least-outstanding-tokens choice among healthy replicas, background health checks that
+take a failing replica out and bring it back, and one retry on another replica when a
+replica refuses the connection or answers 5xx (pooling calls are idempotent). A timeout
+is not retried: the slowest calls would cost the GPU twice; it is a 504. Waiting happens
+before a call is sent (:mod:`jv4_vllm.core.admission`), so the per-call timeout measures
+vLLM's work only. A URL of the form ``dns+http://name:port`` is re-resolved periodically
+to ALL its addresses, so a Kubernetes headless Service spreads load over every pod.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import dns.asyncresolver
 import dns.exception
-import aiohttp
 import orjson
 
 from jv4_vllm.config import BackendSettings
-from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError, OverloadedError
+from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError
 
-__all__ = ["BackendResponse", "Replica", "ReplicaPool", "ReplicaStats"]
+__all__ = ["BackendRejection", "Replica", "ReplicaPool", "ReplicaStats"]
 
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns+"
-
+ERROR_BODY_LIMIT = 64 * 1024
+T = TypeVar("T")
 
 _JSON = {"content-type": "application/json"}
 
 
-@dataclass(frozen=True, slots=True)
-class BackendResponse:
-    """What the engine needs of a replica's answer: status, the bytes-format metadata header, the body."""
+class BackendRejection(Exception):
+    """A replica answered 4xx: something about the request, not the replica."""
 
-    status: int
-    metadata: str | None
-    content: bytes
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
-    def error_message(self) -> str:
-        """vLLM's error text, from its JSON error body when it sent one."""
-        try:
-            detail = orjson.loads(self.content)
-        except orjson.JSONDecodeError:
-            return self.content[:300].decode(errors="replace")
-        if isinstance(detail, dict):
-            error = detail.get("error")
-            if isinstance(error, dict) and error.get("message"):
-                return str(error["message"])
-            if detail.get("message"):
-                return str(detail["message"])
-        return str(detail)[:300]
+
+def error_message(content: bytes) -> str:
+    """vLLM's error text, from its JSON error body when it sent one."""
+    try:
+        detail = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return content[:300].decode(errors="replace").strip()
+    if isinstance(detail, dict):
+        error = detail.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:1000]
+        for key in ("message", "detail"):
+            if detail.get(key):
+                return str(detail[key])[:1000]
+    return str(detail)[:300]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,7 @@ class ReplicaStats:
     url: str
     healthy: bool
     in_flight: int
+    tokens_in_flight: int
 
 
 @dataclass(eq=False, slots=True)
@@ -71,6 +76,7 @@ class Replica:
     url: str
     healthy: bool = False
     in_flight: int = 0
+    tokens_in_flight: int = 0
     failures: int = 0
     source: str = field(default="", repr=False)  # the configured URL it came from
 
@@ -103,15 +109,15 @@ def _join_host(scheme: str, address: str, port: int) -> str:
 class ReplicaPool:
     """Replicas of one task's vLLM deployment behind one ``post`` call."""
 
-    def __init__(self, task: str, urls: list[str], settings: BackendSettings) -> None:
+    def __init__(self, task: str, urls: list[str], settings: BackendSettings,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.task = task
         self.settings = settings
         self._static = [u.rstrip("/") for u in urls if not u.startswith(DNS_SCHEME)]
         self._dns = [u[len(DNS_SCHEME):].rstrip("/") for u in urls if u.startswith(DNS_SCHEME)]
         self.replicas: list[Replica] = [Replica(url=u, source=u) for u in self._static]
         self._session: aiohttp.ClientSession | None = None  # needs a running loop: made in start()
-        self._capacity = asyncio.Condition()
-        self._waiting = 0
+        self._on_change = on_change  # healthy replicas changed: the token budget follows
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -164,7 +170,7 @@ class ReplicaPool:
         self.replicas = [r for r in self.replicas if r.source in self._static or r.url in wanted] + fresh
         if fresh:
             await asyncio.gather(*(self._probe(r) for r in fresh))
-            await self._notify()
+        self._on_change()
 
     async def _probe(self, replica: Replica) -> None:
         try:
@@ -173,23 +179,25 @@ class ReplicaPool:
                 ok = response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
+        self._set_health(replica, ok)
+
+    def _set_health(self, replica: Replica, ok: bool) -> None:
         if ok != replica.healthy:
             log.warning("%s: replica %s is %s", self.task, replica.url, "healthy" if ok else "unhealthy")
-        replica.healthy = ok
+            replica.healthy = ok
+            self._on_change()
 
     async def check_health(self) -> None:
         await asyncio.gather(*(self._probe(r) for r in self.replicas))
-        await self._notify()
-
-    async def _notify(self) -> None:
-        async with self._capacity:
-            self._capacity.notify_all()
 
     def healthy(self) -> bool:
         return any(r.healthy for r in self.replicas)
 
+    def healthy_count(self) -> int:
+        return sum(r.healthy for r in self.replicas)
+
     def stats(self) -> list[ReplicaStats]:
-        return [ReplicaStats(self.task, r.url, r.healthy, r.in_flight) for r in self.replicas]
+        return [ReplicaStats(self.task, r.url, r.healthy, r.in_flight, r.tokens_in_flight) for r in self.replicas]
 
     def _unavailable(self) -> BackendUnavailableError:
         return BackendUnavailableError(
@@ -197,86 +205,70 @@ class ReplicaPool:
             retry_after=max(1.0, self.settings.health_interval_s),
         )
 
-    def _choose(self, exclude: set[int]) -> Replica | None:
-        limit = self.settings.max_concurrency_per_replica
-        candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude and r.in_flight < limit]
+    def _choose(self, exclude: set[int]) -> Replica:
+        candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
         if not candidates:
-            return None
-        least = min(r.in_flight for r in candidates)
-        return random.choice([r for r in candidates if r.in_flight == least])
-
-    async def _acquire(self, exclude: set[int]) -> Replica:
-        """A replica with spare capacity; waits in a bounded queue when all are busy."""
-        async with self._capacity:
-            while True:
-                if not any(r.healthy and id(r) not in exclude for r in self.replicas):
-                    raise self._unavailable()
-                replica = self._choose(exclude)
-                if replica is not None:
-                    replica.in_flight += 1
-                    return replica
-                if self._waiting >= self.settings.max_queue:
-                    raise OverloadedError(f"task {self.task!r} is at capacity; retry shortly", retry_after=1.0)
-                self._waiting += 1
-                try:
-                    await asyncio.wait_for(self._capacity.wait(), timeout=self.settings.health_interval_s)
-                except asyncio.TimeoutError:
-                    pass
-                finally:
-                    self._waiting -= 1
-
-    async def _release(self, replica: Replica) -> None:
-        async with self._capacity:
-            replica.in_flight -= 1
-            self._capacity.notify()
+            raise self._unavailable()
+        return min(candidates, key=lambda r: (r.tokens_in_flight, r.in_flight))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("ReplicaPool.start() was not awaited")
         return self._session
 
-    async def _call(self, replica: Replica, path: str, payload: bytes) -> BackendResponse:
-        async with self._http().post(f"{replica.url}{path}", data=payload, headers=_JSON) as response:
-            return BackendResponse(response.status, response.headers.get("metadata"), await response.read())
+    async def call(self, path: str, body: dict[str, Any], tokens: int,
+                   consume: Callable[[aiohttp.ClientResponse], Awaitable[T]]) -> T:
+        """POST ``body`` to one replica and let ``consume`` read its 200 answer as it streams in.
 
-    async def post(self, path: str, body: dict[str, Any]) -> BackendResponse:
-        """POST to one replica; on a connection failure or 5xx, once more on another.
-
-        4xx answers are returned to the caller: they are about the request, not the replica.
+        A refused or reset connection, or a 5xx, is retried once on another replica (vLLM's
+        message is kept); a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
         """
         payload = orjson.dumps(body)
         tried: set[int] = set()
-        last_error: Exception | None = None
-        for _ in range(2):
+        failure = ""
+        for attempt in range(2):
             try:
-                replica = await self._acquire(tried)
+                replica = self._choose(tried)
             except BackendUnavailableError:
-                if last_error is not None:
+                if attempt:
                     break
                 raise
             tried.add(id(replica))
+            consumed = False
+            replica.in_flight += 1
+            replica.tokens_in_flight += tokens
             try:
-                response = await self._call(replica, path, payload)
-            except asyncio.TimeoutError as exc:
-                last_error = exc
+                async with self._http().post(f"{replica.url}{path}", data=payload, headers=_JSON) as response:
+                    if response.status == 200:
+                        consumed = True  # rows may be folded already: no retry from here on
+                        result = await consume(response)
+                        replica.failures = 0
+                        return result
+                    content = await response.content.read(ERROR_BODY_LIMIT)
+                if response.status < 500:
+                    raise BackendRejection(response.status, error_message(content))
+                failure = f"{replica.url} answered {response.status}: {error_message(content)}"
                 replica.failures += 1
-                continue
-            except aiohttp.ClientError as exc:  # refused, reset, or died mid-answer
-                last_error = exc
+                log.warning("%s: %s", self.task, failure)
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 replica.failures += 1
-                replica.healthy = False
-                log.warning("%s: %s failed (%s); retrying elsewhere", self.task, replica.url, exc)
-                continue
+                log.warning("%s: %s did not answer within %.0f s", self.task, replica.url,
+                            self.settings.request_timeout_s)
+                raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer within "
+                                          f"{self.settings.request_timeout_s:g} s") from None
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError) as exc:  # refused, reset, or died
+                if consumed:
+                    raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
+                failure = f"{replica.url} failed ({type(exc).__name__}: {exc})"
+                replica.failures += 1
+                self._set_health(replica, False)
+                log.warning("%s: %s", self.task, failure)
+            except aiohttp.ClientPayloadError as exc:
+                raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
             finally:
-                await self._release(replica)
-            if response.status >= 500:
-                last_error = BackendError(f"replica answered {response.status}")
-                replica.failures += 1
-                continue
-            replica.failures = 0
-            return response
-        if isinstance(last_error, asyncio.TimeoutError):
-            raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer in time")
-        if isinstance(last_error, BackendError):
-            raise BackendError(f"task {self.task!r}: the backend failed ({last_error.message})")
+                replica.in_flight -= 1
+                replica.tokens_in_flight -= tokens
+        if failure:
+            raise BackendError(f"task {self.task!r}: the backend failed: {failure}")
         raise self._unavailable()

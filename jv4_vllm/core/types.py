@@ -40,6 +40,8 @@ class EmbedOptions:
     dimensions: int | None = None
     multivector: bool = False
     truncate: bool = False
+    late_chunking: bool = False  # one pass over all texts joined; each input pooled over its own span
+    dense_and_multivector: bool = False  # both outputs from one pass: embeddings = single, multivectors = multi
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class EmbedResult:
 
     embeddings: list[np.ndarray]
     prompt_tokens: int
+    multivectors: list[np.ndarray] | None = None  # with dense_and_multivector: each input's multi-vector
 
 
 def parse_task(value: str, known_tasks: list[str] | tuple[str, ...]) -> tuple[str, Role]:

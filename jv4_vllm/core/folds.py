@@ -1,0 +1,103 @@
+"""Running pooling state: hidden-state rows in, jina-embeddings-v4 vectors out.
+
+A :class:`SpanFold` covers one token sequence (one prompt, or one late-chunked document
+sent in windows). It owns output spans over that sequence's positions: single-vector
+spans keep a float64 running sum of their rows, multi-vector spans keep their rows
+projected to the task's 128-d space. Rows arrive slab by slab, in any order across
+windows; nothing else of the hidden states is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from jv4_vllm.core.pooling import l2_normalize, truncate_matryoshka
+
+__all__ = ["Projector", "SpanFold", "WindowSink"]
+
+Span = tuple[int, int]
+
+
+class Projector:
+    """The task's multi-vector projector, laid out once for fast row projection."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.weight_t = np.ascontiguousarray(weight.T, dtype=np.float32)  # [H, P]
+        self.bias = np.asarray(bias, dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.bias.shape[0])
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        projected = rows @ self.weight_t
+        projected += self.bias
+        return l2_normalize(projected)
+
+
+class SpanFold:
+    """Pools the rows of one sequence into one output per span (thread-safe ``feed``)."""
+
+    def __init__(self, single_spans: Sequence[Span] = (), multi_spans: Sequence[Span] = (),
+                 projector: Projector | None = None) -> None:
+        if multi_spans and projector is None:
+            raise ValueError("multi-vector spans need the task's projector")
+        self._single = list(single_spans)
+        self._multi = list(multi_spans)
+        self._projector = projector
+        self._sums = np.zeros((len(self._single), 0), dtype=np.float64)
+        self._counts = [0] * len(self._single)
+        self._rows = [np.empty((stop - start, projector.dim), dtype=np.float32) for start, stop in self._multi] \
+            if projector is not None else []
+        self._lock = threading.Lock()
+
+    def feed(self, position: int, rows: np.ndarray) -> None:
+        """Rows (float32 [n, H]) of positions ``position .. position + n``."""
+        end = position + rows.shape[0]
+        partial: list[tuple[int, np.ndarray, int]] = []
+        for k, (start, stop) in enumerate(self._single):
+            lo, hi = max(start, position), min(stop, end)
+            if lo < hi:
+                partial.append((k, rows[lo - position:hi - position].sum(axis=0, dtype=np.float32), hi - lo))
+        for k, (start, stop) in enumerate(self._multi):
+            lo, hi = max(start, position), min(stop, end)
+            if lo < hi:
+                self._rows[k][lo - start:hi - start] = self._projector(rows[lo - position:hi - position])  # type: ignore[misc]
+        if partial:
+            with self._lock:
+                if self._sums.shape[1] == 0:
+                    self._sums = np.zeros((len(self._single), rows.shape[1]), dtype=np.float64)
+                for k, total, count in partial:
+                    self._sums[k] += total
+                    self._counts[k] += count
+
+    def single_vectors(self, dim: int | None, allowed_dims: Sequence[int]) -> list[np.ndarray]:
+        """Mean of each single span, L2-normalised, Matryoshka-truncated; checks every row arrived."""
+        vectors = []
+        for k, (start, stop) in enumerate(self._single):
+            if self._counts[k] != stop - start:
+                raise RuntimeError(f"span {start}:{stop} pooled {self._counts[k]} rows")
+            mean = (self._sums[k] / (stop - start)).astype(np.float32)
+            vectors.append(truncate_matryoshka(l2_normalize(mean), dim, allowed_dims))
+        return vectors
+
+    def multi_vectors(self) -> list[np.ndarray]:
+        return self._rows
+
+
+class WindowSink:
+    """One window's rows into a shared fold: row ``r`` is position ``offset + r``; rows before
+    ``keep_from`` belong to the previous window's context and are dropped."""
+
+    def __init__(self, fold: SpanFold, offset: int = 0, keep_from: int = 0) -> None:
+        self.fold = fold
+        self.offset = offset
+        self.keep_from = keep_from
+
+    def feed(self, start: int, rows: np.ndarray) -> None:
+        skip = max(0, self.keep_from - start)
+        if skip < rows.shape[0]:
+            self.fold.feed(self.offset + start + skip, rows[skip:])
