@@ -7,6 +7,7 @@ import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from images_util import make_image, png_bytes
 
@@ -107,12 +108,41 @@ def test_embedding_types(kind, router_url):
         np.testing.assert_array_equal(got, bits.astype(np.int16) - 128)
 
 
-def test_models_health_ready_metrics(router_url):
+def test_models_health_ready(router_url):
     models = httpx.get(f"{router_url}/v1/models").json()
     ids = {m["id"] for m in models["data"]}
     assert {"jina-embeddings-v4", "jina-embeddings-v4-retrieval", "jina-embeddings-v4-text-matching",
             "jina-embeddings-v4-code"} <= ids
     assert httpx.get(f"{router_url}/health").status_code == 200
     assert httpx.get(f"{router_url}/ready").status_code == 200
-    metrics = httpx.get(f"{router_url}/metrics").text
-    assert "jv4_" in metrics
+
+
+def scrape(router_url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics by (name, labels)."""
+    text = httpx.get(f"{router_url}/metrics").text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_what_happened(router_url, vllm_stack):
+    before = scrape(router_url)
+    good = httpx.post(f"{router_url}/v1/embeddings",
+                      json={"input": TEXTS[:2], "task": "code.passage", "model": "jina-embeddings-v4"}).json()
+    bad = httpx.post(f"{router_url}/v1/embeddings", json={"input": "a", "task": "code.query", "dimensions": 3})
+    assert bad.status_code == 400
+    after = scrape(router_url)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("jv4_inputs_total", task="code", kind="text") == 2
+    assert grew("jv4_prompt_tokens_total", task="code") == good["usage"]["prompt_tokens"] > 0
+    assert grew("jv4_requests_total", route="/v1/embeddings", task="code", status="200") == 1
+    assert grew("jv4_request_duration_seconds_count", route="/v1/embeddings", task="code") == 2
+    assert grew("jv4_errors_total", route="/v1/embeddings", task="code", status="400",
+                type="invalid_request_error") == 1
+    for task, deployment in vllm_stack.deployments.items():
+        assert after[("jv4_task_ready", frozenset({"task": task}.items()))] == 1
+        for url in deployment.urls:
+            assert after[("jv4_backend_healthy", frozenset({"task": task, "replica": url}.items()))] == 1
