@@ -308,6 +308,13 @@ class ReferenceEncoder:
         """Raw last hidden states [n_tokens, H] (fp32) per image prompt."""
         return [h for _, h in self._hidden(self._image_batches(images, task), task)]
 
+    def token_hidden_states(self, token_ids: Sequence[int], task: str = "retrieval") -> np.ndarray:
+        """Raw last hidden states [n_tokens, H] (fp32) of one prompt given as token ids, nothing added:
+        for checks that feed exactly the ids the service sends (late-chunking windows)."""
+        self._check_task(task)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        return self._hidden(iter([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]), task)[0][1]
+
     # ---- encoding ------------------------------------------------------------------------------
 
     def encode_text(self, texts: Sequence[str], task: str = "retrieval", prompt_name: str = "query",
