@@ -19,32 +19,67 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
+# The real jinaai/jina-embeddings-v4 repo as FACTS.md section 1 records it, written out here apart from the
+# generator, so the demo checkpoint is checked against the repo and not against itself.
+REAL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+              "adapters/adapter_config.json", "adapters/adapter_model.safetensors")
+REAL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
+REAL_TEXT = {"hidden_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+             "intermediate_size": 11008, "vocab_size": 151936, "max_position_embeddings": 32768}
+REAL_MROPE_SECTION = [16, 24, 24]
+REAL_VISION = {"depth": 32, "hidden_size": 1280, "patch_size": 14, "spatial_merge_size": 2,
+               "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 2048}
+REAL_JINA = {"architectures": ["JinaEmbeddingsV4Model"], "single_vector_pool_strategy": "mean",
+             "multi_vector_projector_dim": 128, "matryoshka_dims": [128, 256, 512, 1024, 2048],
+             "task_names": ["retrieval", "text-matching", "code"]}
+REAL_TOKEN_KEYS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                   "image_token_id": "<|image_pad|>"}
+REAL_ADAPTER = {"peft_type": "LORA", "r": 32, "lora_alpha": 32}
+SAME_AS_REAL = ("architectures", "single_vector_pool_strategy", "task_names")  # values, not just keys
+SAME_VISION_GEOMETRY = ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size")
+
+
 def _config(root: Path) -> dict:
     return json.loads((root / "config.json").read_text())
 
 
-def test_layout_matches_the_real_repo(demo_source: Path) -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "preprocessor_config.json", "adapters/adapter_config.json", "adapters/adapter_model.safetensors"):
-        assert (demo_source / name).is_file(), name
+def test_the_real_repo_facts_hang_together() -> None:
+    """The list above is self-consistent, so the rules below derived from it are the real repo's."""
+    head_dim = REAL_TEXT["hidden_size"] // REAL_TEXT["num_attention_heads"]
+    assert sum(REAL_MROPE_SECTION) == head_dim // 2
+    assert REAL_VISION["out_hidden_size"] == REAL_TEXT["hidden_size"] == REAL_JINA["matryoshka_dims"][-1]
+    assert REAL_JINA["matryoshka_dims"] == [REAL_TEXT["hidden_size"] >> k for k in range(4, -1, -1)]
 
 
-def test_config_has_the_jina_fields_and_cpu_safe_shapes(demo_source: Path) -> None:
+def test_files_and_config_keys_are_those_of_the_real_repo(demo_source: Path) -> None:
+    missing = [name for name in REAL_FILES if not (demo_source / name).is_file()]
+    assert not missing, missing
+    assert any((demo_source / name).is_file() for name in REAL_WEIGHT_FILES)
     config = _config(demo_source)
-    assert config["architectures"] == ["JinaEmbeddingsV4Model"]
-    assert config["single_vector_pool_strategy"] == "mean"
-    assert config["task_names"] == list(TASK_NAMES)
+    wanted = {*REAL_TEXT, *REAL_JINA, *REAL_TOKEN_KEYS, "rope_scaling", "vision_config"}
+    assert wanted - set(config) == set()
+    assert set(REAL_VISION) - set(config["vision_config"]) == set()
+    assert {key: config[key] for key in SAME_AS_REAL} == {key: REAL_JINA[key] for key in SAME_AS_REAL}
+    assert ({key: config["vision_config"][key] for key in SAME_VISION_GEOMETRY}
+            == {key: REAL_VISION[key] for key in SAME_VISION_GEOMETRY})
+    # the real repo's shape rules, at the demo's size
+    hidden = config["hidden_size"]
+    assert config["matryoshka_dims"] == [hidden >> k for k in range(4, -1, -1)]
+    assert config["vision_config"]["out_hidden_size"] == hidden
+    assert len(config["rope_scaling"]["mrope_section"]) == len(REAL_MROPE_SECTION)
+    adapter = json.loads((demo_source / "adapters/adapter_config.json").read_text())
+    assert adapter["peft_type"] == REAL_ADAPTER["peft_type"] and {"r", "lora_alpha", "target_modules"} <= set(adapter)
+
+
+def test_config_has_cpu_safe_shapes(demo_source: Path) -> None:
+    config = _config(demo_source)
     hidden = config["hidden_size"]
     assert hidden == 128
-    assert config["matryoshka_dims"] == [8, 16, 32, 64, 128]
     assert 0 < config["multi_vector_projector_dim"] < hidden
     head_dim = hidden // config["num_attention_heads"]
     assert head_dim == 64
     assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
     assert sum(config["rope_scaling"]["mrope_section"]) == head_dim // 2
-    vision = config["vision_config"]
-    assert (vision["patch_size"], vision["spatial_merge_size"], vision["temporal_patch_size"]) == (14, 2, 2)
-    assert vision["out_hidden_size"] == hidden
 
 
 def test_token_ids_in_config_match_the_tokenizer(demo_source: Path) -> None:
@@ -52,9 +87,7 @@ def test_token_ids_in_config_match_the_tokenizer(demo_source: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(demo_source)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
     assert len(set(ids.values())) == len(QWEN_SPECIALS)
-    assert ids["<|vision_start|>"] == config["vision_start_token_id"]
-    assert ids["<|vision_end|>"] == config["vision_end_token_id"]
-    assert ids["<|image_pad|>"] == config["image_token_id"]
+    assert {key: config[key] for key in REAL_TOKEN_KEYS} == {key: ids[token] for key, token in REAL_TOKEN_KEYS.items()}
     assert ids["<|video_pad|>"] == config["video_token_id"]
     assert ids["<|im_start|>"] != 151644  # test checkpoints must not share the real ids
     assert config["vocab_size"] >= len(tokenizer)
@@ -136,8 +169,9 @@ def test_hidden_size_2048_builds_one_layer(tmp_path: Path) -> None:
     config = _config(root)
     assert config["num_hidden_layers"] == 1
     assert config["num_attention_heads"] == 32
-    assert config["matryoshka_dims"] == [128, 256, 512, 1024, 2048]
-    assert config["multi_vector_projector_dim"] == 128
+    assert config["hidden_size"] == REAL_TEXT["hidden_size"]  # real-sized hidden states on the wire
+    assert config["matryoshka_dims"] == REAL_JINA["matryoshka_dims"]
+    assert config["multi_vector_projector_dim"] == REAL_JINA["multi_vector_projector_dim"]
     weights = load_file(root / "model.safetensors")
     assert weights["model.language_model.layers.0.self_attn.q_proj.weight"].shape == (2048, 2048)
     assert weights["model.visual.merger.mlp.2.weight"].shape[0] == 2048
