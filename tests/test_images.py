@@ -64,13 +64,16 @@ def test_other_formats_and_modes_become_rgb_png(source: Callable[[], bytes]) -> 
         ("image/png", "PNG", "RGB", (20, 10), 20, 10)
 
 
-def test_transparency_is_composited_onto_white() -> None:
+def test_transparency_is_dropped_as_the_reference_does_or_composited_onto_white() -> None:
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((1, 1), (0, 0, 255, 255))
-    out = decoded(decode_image(encoded(rgba, "PNG"), LIMITS, 0).data)
-    assert out.mode == "RGB"
-    assert out.getpixel((0, 0)) == (255, 255, 255)
-    assert out.getpixel((1, 1)) == (0, 0, 255)
+    dropped = decoded(decode_image(encoded(rgba, "PNG"), LIMITS, 0).data)
+    assert dropped.mode == "RGB"
+    assert dropped.getpixel((0, 0)) == (255, 0, 0)  # the stored colour of a transparent pixel
+    assert dropped.getpixel((1, 1)) == (0, 0, 255)
+    white = decoded(decode_image(encoded(rgba, "PNG"), LimitsConfig(image_alpha="white"), 0).data)
+    assert white.getpixel((0, 0)) == (255, 255, 255)
+    assert white.getpixel((1, 1)) == (0, 0, 255)
 
 
 def test_animation_keeps_the_first_frame() -> None:

@@ -4,12 +4,12 @@ Sources: raw bytes, base64 strings, data URIs, http(s) URLs (only when
 ``LimitsConfig.allow_image_urls`` is on, and never to a non-public address), and, for
 the Python client only, local paths and PIL images.
 
-Every image is opened with Pillow before anything is sent to vLLM: the byte size and
-the pixel count (read from the header, before any pixel is decoded: decompression
-bombs) are capped, the format must be one we accept, and the whole file must decode.
-JPEG, PNG and WebP files in RGB pass through unchanged; everything else (other
-formats, alpha, palette, CMYK, grey, animations) becomes an RGB PNG of its first frame,
-with transparency composited onto white.
+Every file's header is read before anything is sent to vLLM: the byte size, the pixel
+count (from the header, before any pixel is decoded: decompression bombs) and the aspect
+ratio are checked and the format must be one we accept. What the model sees follows the
+reference encoder (:mod:`jv4_vllm.core.image_rules`): an RGB JPEG, PNG or WebP with no
+EXIF orientation and one frame goes to vLLM exactly as received, never decoded here;
+anything else is decoded, converted by the reference's rule and sent as an RGB PNG.
 
 Errors are :class:`InvalidRequestError` / :class:`PayloadTooLargeError` whose message
 and ``param`` name the input (``input[3]``).
@@ -31,16 +31,21 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from jv4_vllm.config import LimitsConfig
-from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
+from jv4_vllm.core.image_rules import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_ASPECT_RATIO,
+    PASS_THROUGH_MIMES,
+    needs_conversion,
+    to_rgb,
+)
 from jv4_vllm.core.types import ImageInput
+from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
 
 __all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_image", "load_image", "read_image"]
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_PASS_THROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_REDIRECTS = 3
 
@@ -66,20 +71,21 @@ def _check_byte_size(size: int, limits: LimitsConfig, index: int) -> None:
 
 
 def decode_image(data: bytes, limits: LimitsConfig, index: int) -> ImageInput:
-    """Check encoded image bytes and return them in a form vLLM decodes (CPU-bound)."""
+    """Check encoded image bytes and return what vLLM must get (CPU-bound only when converting)."""
     _check_byte_size(len(data), limits, index)
     try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as header:
-            width, height = header.size
-            _check_pixels(width, height, limits, index)
-            header.verify()
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+            _check_pixels(width, height, limits, index)
+            if not needs_conversion(image, data, limits.image_alpha):
+                if image.format == "PNG":
+                    image.verify()  # chunk CRCs, no pixels: vLLM embeds a corrupt PNG the reference refuses
+                return ImageInput(data=bytes(data), mime=PASS_THROUGH_MIMES[image.format], width=width,
+                                  height=height)
             image.load()
-            if image.format in _PASS_THROUGH and image.mode == "RGB" and getattr(image, "n_frames", 1) == 1:
-                return ImageInput(data=bytes(data), mime=_PASS_THROUGH[image.format], width=width, height=height)
-            return _as_rgb_png(image, width, height)
+            return _png(to_rgb(image, is_file=True, alpha=limits.image_alpha))
     except Image.DecompressionBombError as exc:
-        raise _too_large(index, f"image has too many pixels (limit {limits.max_image_pixels})") from exc
+        raise _too_large(index, f"image has too many pixels (limit {_pixel_limit(limits)})") from exc
     except UnidentifiedImageError as exc:
         raise _invalid(index, f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})",
                        "invalid_image") from exc
@@ -88,29 +94,34 @@ def decode_image(data: bytes, limits: LimitsConfig, index: int) -> ImageInput:
         raise _invalid(index, "the image file is broken or truncated", "invalid_image") from exc
 
 
+def _pixel_limit(limits: LimitsConfig) -> int:
+    return limits.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+
+
 def _check_pixels(width: int, height: int, limits: LimitsConfig, index: int) -> None:
     if width <= 0 or height <= 0:
         raise _invalid(index, f"image has an empty size {width}x{height}", "invalid_image")
-    if width * height > limits.max_image_pixels:
-        raise _too_large(index, f"image is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
+    if width * height > _pixel_limit(limits):
+        raise _too_large(index, f"image is {width}x{height} pixels; the limit is {_pixel_limit(limits)} pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise _invalid(index, f"image is {width}x{height} pixels; the model takes aspect ratios up to "
+                              f"{MAX_ASPECT_RATIO}:1", "invalid_image")
 
 
-def _as_rgb_png(image: Image.Image, width: int, height: int) -> ImageInput:
-    """First frame, transparency composited onto white, as a fast-compressed RGB PNG."""
-    if image.mode in _ALPHA_MODES or image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    else:
-        rgb = image.convert("RGB")
+def _png(rgb: Image.Image) -> ImageInput:
+    """An RGB image as a fast-compressed PNG (no EXIF: vLLM must not rotate it)."""
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=1)
-    return ImageInput(data=out.getvalue(), mime="image/png", width=width, height=height)
+    return ImageInput(data=out.getvalue(), mime="image/png", width=rgb.width, height=rgb.height)
 
 
 def _from_pil(image: Image.Image, limits: LimitsConfig, index: int) -> ImageInput:
-    width, height = image.size
-    _check_pixels(width, height, limits, index)
-    return _as_rgb_png(image, width, height)
+    """A PIL image as the reference's processor sees it: non-RGB composited onto white."""
+    _check_pixels(image.width, image.height, limits, index)
+    try:
+        return _png(to_rgb(image, is_file=False, alpha=limits.image_alpha))
+    except ValueError as exc:  # a mode Pillow cannot convert, e.g. "La"
+        raise _invalid(index, f"cannot convert a PIL image of mode {image.mode!r} to RGB", "invalid_image") from exc
 
 
 # --- text forms: base64 and data URIs -----------------------------------------------

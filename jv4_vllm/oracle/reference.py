@@ -8,15 +8,14 @@ pooling follow the published model exactly; everything is pooled in float32.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from torch import nn
 from transformers import (
@@ -25,9 +24,12 @@ from transformers import (
     Qwen2_5_VLProcessor,
 )
 
-__all__ = ["ReferenceEncoder", "ImageInput"]
+from jv4_vllm.oracle.upstream_images import ReferenceImage, load_reference_image
 
-ImageInput = Image.Image | str | Path | bytes
+__all__ = ["JINA_TEXT_MAX_LENGTH", "ImageInput", "ReferenceEncoder"]
+
+ImageInput = ReferenceImage
+JINA_TEXT_MAX_LENGTH = 32768  # the reference processor never keeps more text tokens than this
 
 ROLES = ("query", "passage")
 IMAGE_PROMPT_TEXT = "Describe the image."
@@ -152,14 +154,18 @@ def _load_lora(root: Path) -> tuple[float, dict[str, dict[str, dict[str, torch.T
 class ReferenceEncoder:
     """jina-embeddings-v4 on transformers, with task adapters applied on the fly."""
 
-    def __init__(self, source: str | Path, dtype: torch.dtype = torch.float32, batch_size: int = 8) -> None:
+    def __init__(self, source: str | Path, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                 max_length: int | None = None) -> None:
+        """``max_length``: the most text tokens kept (prefix included); give a deployment's own
+        limit, min(max_model_len, max_position_embeddings), to compare with it."""
         root = _resolve_source(source)
         self.batch_size = batch_size
         self.config = Qwen2_5_VLConfig.from_pretrained(root)
         self.task_names: list[str] = list(self.config.task_names)
         self.matryoshka_dims: list[int] = [int(d) for d in self.config.matryoshka_dims]
         self.hidden_size: int = self.config.text_config.hidden_size
-        self.max_length: int = self.config.text_config.max_position_embeddings
+        mpe = self.config.text_config.max_position_embeddings
+        self.max_length: int = min(max_length or JINA_TEXT_MAX_LENGTH, JINA_TEXT_MAX_LENGTH, mpe)
 
         model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             root, config=self.config, dtype=dtype, output_loading_info=True
@@ -252,23 +258,14 @@ class ReferenceEncoder:
                 chunk,
                 padding="longest",
                 truncation=True,
-                max_length=max_length or self.max_length,
+                max_length=min(max_length or self.max_length, self.max_length),
                 return_tensors="pt",
             )
-
-    @staticmethod
-    def _load_image(image: ImageInput) -> Image.Image:
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, bytes):
-            return Image.open(io.BytesIO(image)).convert("RGB")
-        with Image.open(image) as img:
-            return img.convert("RGB")
 
     def _image_batches(self, images: Sequence[ImageInput], task: str) -> Iterator[_Batch]:
         self._check_task(task)
         for start in range(0, len(images), self.batch_size):
-            chunk = [self._load_image(im) for im in images[start : start + self.batch_size]]
+            chunk = [load_reference_image(im) for im in images[start : start + self.batch_size]]
             yield self.processor(
                 text=[self._image_prompt] * len(chunk), images=chunk, padding="longest", return_tensors="pt"
             )
