@@ -28,6 +28,8 @@ from jv4_vllm.core.engine import Engine
 from jv4_vllm.router import create_app
 from jv4_vllm.router.serving import render_embeddings
 from jv4_vllm.core.types import EmbedResult
+from jv4_vllm.errors import Jv4Error, OverloadedError
+from jv4_vllm.router.protocol import EmbeddingsRequest
 from test_images import png_header_only
 from vllm_stack import InProcessServer, free_port, wait_ready, write_config
 
@@ -161,6 +163,7 @@ ROWS = [
     Row("bad-encoding-format", 400, "encoding_format", "'float' or 'base64'",
         body={"input": "a", "encoding_format": "int8"}),
     Row("bad-embedding-type", 400, "embedding_type", "'ubinary'", body={"input": "a", "embedding_type": "int8"}),
+    Row("bad-encoding-type", 400, "encoding_type", "'ubinary'", body={"input": "a", "encoding_type": "int8"}),
     Row("conflicting-output-types", 400, "embedding_type", "contradicts",
         body={"input": "a", "embedding_type": "binary", "encoding_format": "base64"}),
     Row("user-not-string", 400, "user", "valid string", body={"input": "a", "user": 12}),
@@ -219,8 +222,18 @@ async def send(client: httpx.AsyncClient, base: str, row: Row) -> httpx.Response
     return await client.post(f"{base}{path}", json=row.body, headers=row.headers)
 
 
-def test_the_table_is_large_enough() -> None:
-    assert len(ROWS) >= 30 and len({row.id for row in ROWS}) == len(ROWS)
+def test_the_table_covers_every_request_field_and_client_error() -> None:
+    """A new request field or a new 4xx class needs its bad-request rows here."""
+    fields_named = {re.split(r"[\[.]", row.param)[0] for row in ROWS if row.param}
+    assert set(EmbeddingsRequest.model_fields) - fields_named == set()
+    client_errors = {cls.status for cls in _error_classes(Jv4Error)
+                     if 400 <= cls.status < 500 and cls is not OverloadedError}  # load, not input: test_overload
+    assert client_errors - {row.status for row in ROWS} == set()
+    assert len({row.id for row in ROWS}) == len(ROWS)
+
+
+def _error_classes(root: type) -> list[type]:
+    return [root] + [c for sub in root.__subclasses__() for c in _error_classes(sub)]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
