@@ -1,0 +1,161 @@
+"""Failure semantics of the router, with a fault-injecting upstream for what real vLLM cannot be
+made to do on demand: malformed answers, stalls, 5xx. Plus the per-request token cap (decided
+before anything is sent) and per-task readiness with one task's deployment down (real vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from aiohttp import web
+
+from jv4_vllm.config import Config
+from jv4_vllm.deploy.launch import free_port
+from jv4_vllm.router import create_app
+from vllm_stack import InProcessServer
+
+pytestmark = pytest.mark.timeout(180)
+
+TASK = "retrieval"
+BODY = {"input": ["hello there"], "task": f"{TASK}.passage"}
+
+
+class FaultyUpstream:
+    """Answers /health, and /pooling the way ``mode`` says; counts the /pooling calls."""
+
+    def __init__(self, hidden: int, mode: str) -> None:
+        self.hidden, self.mode, self.calls = hidden, mode, 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _pooling(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        body = await request.json()
+        tokens = len(body["input"][0])
+        rows = np.ones((tokens, self.hidden), dtype="<f2").tobytes()
+        item = {"index": 0, "embed_dtype": "float16", "endianness": "little", "start": 0, "end": len(rows),
+                "shape": [tokens, self.hidden]}
+        meta = {"data": [item], "usage": {"prompt_tokens": tokens}}
+        if self.mode == "stall":
+            await asyncio.sleep(30)
+        if self.mode == "bad-metadata":
+            return web.Response(body=rows, headers={"metadata": "{not json"})
+        if self.mode == "wrong-size":
+            item["shape"] = [tokens + 3, self.hidden]
+            return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
+        if self.mode == "short-body":
+            return web.Response(body=rows[: len(rows) // 2 + 1], headers={"metadata": json.dumps(meta)})
+        if self.mode == "500":
+            return web.json_response({"error": {"message": "CUDA error: an illegal memory access"}}, status=500)
+        return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
+
+    @staticmethod
+    async def _health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def __aenter__(self) -> "FaultyUpstream":
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/pooling", self._pooling)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def hidden_size(prepared_dir: Path) -> int:
+    return int(json.loads((prepared_dir / TASK / "jv4.json").read_text())["hidden_size"])
+
+
+@asynccontextmanager
+async def router(prepared_dir: Path, urls: list[str], **settings: object) -> AsyncIterator[httpx.AsyncClient]:
+    limits = settings.pop("limits", {})
+    config = Config.model_validate({
+        "prepared_dir": str(prepared_dir),
+        "router": {"host": "127.0.0.1", "port": free_port(), "api_keys_env": "JV4_TEST_UNSET_KEYS"},
+        "deployments": {TASK: {"urls": urls}},
+        "vllm": {"max_model_len": 512},
+        "backend": {"health_interval_s": 60, "request_timeout_s": 1.0, **settings},
+        "limits": limits,
+    })
+    async with InProcessServer(create_app(config), config.router.port) as server, \
+            httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize("mode", ["bad-metadata", "wrong-size", "short-body"])
+async def test_a_malformed_answer_is_a_502(prepared_dir: Path, mode: str) -> None:
+    async with FaultyUpstream(hidden_size(prepared_dir), mode) as upstream, \
+            router(prepared_dir, [upstream.url]) as client:
+        response = await client.post("/v1/embeddings", json=BODY)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["type"] == "backend_error" and "backend" in error["message"]
+    assert upstream.calls == 1
+
+
+async def test_a_stall_is_a_504_and_is_not_retried(prepared_dir: Path) -> None:
+    hidden = hidden_size(prepared_dir)
+    async with FaultyUpstream(hidden, "stall") as one, FaultyUpstream(hidden, "stall") as two, \
+            router(prepared_dir, [one.url, two.url]) as client:
+        response = await client.post("/v1/embeddings", json=BODY)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "timeout"
+    assert one.calls + two.calls == 1
+
+
+async def test_vllms_5xx_message_reaches_the_error(prepared_dir: Path) -> None:
+    async with FaultyUpstream(hidden_size(prepared_dir), "500") as upstream, \
+            router(prepared_dir, [upstream.url]) as client:
+        response = await client.post("/v1/embeddings", json=BODY)
+    assert response.status_code == 502, response.text
+    assert "CUDA error: an illegal memory access" in response.json()["error"]["message"]
+
+
+async def test_a_healthy_upstream_still_answers(prepared_dir: Path) -> None:
+    """The stand-in itself is sound: the faults above are the only reason for those errors."""
+    async with FaultyUpstream(hidden_size(prepared_dir), "ok") as upstream, \
+            router(prepared_dir, [upstream.url]) as client:
+        response = await client.post("/v1/embeddings", json=BODY)
+    assert response.status_code == 200, response.text
+
+
+async def test_a_request_over_the_token_cap_is_a_413_naming_it(prepared_dir: Path) -> None:
+    async with FaultyUpstream(hidden_size(prepared_dir), "ok") as upstream, \
+            router(prepared_dir, [upstream.url], limits={"max_request_tokens": 100}) as client:
+        response = await client.post("/v1/embeddings", json={"input": ["word " * 60] * 3, "task": "retrieval"})
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert "100" in error["message"] and "max_request_tokens" in error["message"]
+        assert error["code"] == "too_many_tokens"
+        assert upstream.calls == 0  # refused before anything was sent
+        assert (await client.post("/v1/embeddings", json=BODY)).status_code == 200
+
+
+@pytest.mark.vllm
+async def test_one_task_down_keeps_the_others_serving(vllm_stack) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # the code deployment is stopped: nothing listens there
+    deployments = {**vllm_stack.deployments, "code": vllm_stack.deployments["code"].model_copy(update={"urls": [down]})}
+    config = vllm_stack.model_copy(update={
+        "deployments": deployments, "router": vllm_stack.router.model_copy(update={"port": free_port()})})
+    async with InProcessServer(create_app(config), config.router.port) as server, \
+            httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        ready = await client.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["tasks"] == {"retrieval": "ready", "text-matching": "ready", "code": "unavailable"}
+        assert "code" in ready.json()["message"]
+        refused = await client.post("/v1/embeddings", json={"input": ["x"], "task": "code.query"})
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        for task in ("retrieval.query", "text-matching"):
+            served = await client.post("/v1/embeddings", json={"input": ["x"], "task": task})
+            assert served.status_code == 200, served.text
