@@ -91,7 +91,7 @@ def write_config(config: Config, path: Path) -> Path:
 
 def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 120.0) -> None:
     """Until ``url``/ready answers 200; fails at once if ``process`` exits."""
-    wait_until_up([f"{url}/ready"], [process] if process is not None else [], timeout_s)
+    wait_until_up([f"{url}/ready?all=true"], [process] if process is not None else [], timeout_s)
 
 
 # ---- a shared demo stack for development (JV4_TEST_STACK_DIR) ------------------------------------

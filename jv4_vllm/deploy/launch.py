@@ -163,7 +163,8 @@ def up(config: Config, config_path: Path) -> int:
         children.append(spawn("router", router_cmd, config.log_dir))
         url = _router_url(config)
         print(f"starting {len(children) - 1} vLLM deployments and the router (logs in {config.log_dir}/)", flush=True)
-        wait_until_up([f"{url}/ready"], children, config.backend.startup_timeout_s)
+        # /ready is 200 once ANY task can serve; up waits until every task can.
+        wait_until_up([f"{url}/ready?all=true"], children, config.backend.startup_timeout_s)
         print(f"ready: {url}/v1/embeddings", flush=True)
         print(f"  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{config.model_name}\", \"input\": [\"hello\"], \"task\": \"retrieval.query\"}}'",
