@@ -1,11 +1,13 @@
 """Property-based fuzzing of ``POST /v1/embeddings``: whatever a client sends, never a 500.
 
-The real router app over a real Engine (the prepared demo checkpoint) runs on uvicorn with NO
-backend behind it. Every answer must be a 4xx with the OpenAI error body, or a 503 with
-Retry-After when the request was valid and only the backend is missing; afterwards the
-router must still be healthy. Bodies are generated around every documented field (right
-and wrong types, huge and negative numbers, lone surrogates, random and mangled images,
-random nesting), plus raw bytes under random content types.
+The real router app over a real Engine (the prepared demo checkpoint) runs on uvicorn, first
+with NO backend behind it: every answer must be a 4xx with the OpenAI error body, or a 503
+with Retry-After when the request was valid and only the backend is missing; afterwards the
+router must still be healthy. Then the same bodies go to a router over the LIVE vLLM
+deployments, so valid requests reach the engine, the model and the pooling: every answer is
+a 200 with one embedding per input, or a 4xx. Bodies are generated around every documented
+field (right and wrong types, huge and negative numbers, lone surrogates, random and mangled
+images, random nesting), plus raw bytes under random content types.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 # Derandomized: CI runs the same 300 examples every time (long random runs are for hunting, by hand).
 FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Against live vLLM every valid example costs a model call: fewer, still the same every run.
+LIVE_FUZZ = settings(FUZZ, max_examples=100)
+LIMITS = {"max_inputs_per_request": 8, "max_request_bytes": MAX_BODY, "max_image_bytes": 64 * 1024,
+          "max_image_pixels": 1_000_000}
+NO_KEYS = {"host": "127.0.0.1", "api_keys_env": "JV4_TEST_UNSET_KEYS"}
 
 
 class ThreadedRouter:
@@ -66,16 +73,25 @@ class ThreadedRouter:
 
 @pytest.fixture(scope="module")
 def router(prepared_dir: Path) -> Iterator[httpx.Client]:
+    """Nothing listens at the deployments' URLs."""
     config = Config.model_validate({
         "model_name": MODEL,
         "prepared_dir": str(prepared_dir),
-        "router": {"host": "127.0.0.1", "port": free_port(), "api_keys_env": "JV4_TEST_UNSET_KEYS"},
+        "router": {**NO_KEYS, "port": free_port()},
         "deployments": {task: {"urls": [f"http://127.0.0.1:{free_port()}"]} for task in TASKS},
         "vllm": {"max_model_len": 512},
-        "limits": {"max_inputs_per_request": 8, "max_request_bytes": MAX_BODY, "max_image_bytes": 64 * 1024,
-                   "max_image_pixels": 1_000_000},
+        "limits": LIMITS,
     })
     with ThreadedRouter(config) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def live_router(vllm_stack: Config) -> Iterator[httpx.Client]:
+    """The same limits, over the running vLLM deployments of the three tasks."""
+    config = Config.model_validate({**vllm_stack.model_dump(mode="json"), "router": {**NO_KEYS, "port": free_port()},
+                                    "limits": LIMITS})
+    with ThreadedRouter(config) as server, httpx.Client(base_url=server.url, timeout=120) as client:
         yield client
 
 
@@ -155,6 +171,25 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
 
 
 bodies = st.one_of(requests(), requests(), requests(), json_values)  # mostly plausible, sometimes anything
+
+# Every field with a value the docs allow, few combinations that conflict (the bodies above have those):
+# the live backends get work.
+plain_texts = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40).filter(str.strip)
+b64_images = st.sampled_from(IMAGES).map(lambda b: base64.b64encode(b).decode())
+VALID_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.just(MODEL),
+    "dimensions": st.sampled_from([8, 16, 32, 64, 128]),
+    "embedding_type": FIELDS["embedding_type"],
+    "task": st.sampled_from([*TASKS, "retrieval.query", "retrieval.passage", "code.query", "code.passage"]),
+    "return_multivector": st.booleans(),
+    "truncate": st.booleans(),
+}
+valid_items = st.one_of(plain_texts, st.fixed_dictionaries({"text": plain_texts}),
+                        st.fixed_dictionaries({"image": b64_images}))
+valid_requests = st.fixed_dictionaries(
+    {"input": plain_texts | st.lists(valid_items, min_size=1, max_size=8)},
+    optional={name: strategy for name, strategy in VALID_FIELDS.items()})
+live_bodies = st.one_of(valid_requests, valid_requests, bodies)
 
 
 def encode(body: Any, how: str) -> bytes:
@@ -245,12 +280,47 @@ def test_regression(router: httpx.Client, content: bytes, content_type: str | No
     assert re.search(match, error["message"]), error["message"]
 
 
+def check_live(response: httpx.Response, body: Any) -> None:
+    """With live backends: a 200 with one embedding per input in order, or a clean refusal."""
+    if response.status_code != 200:
+        check(response)
+        return
+    payload = response.json()
+    count = 1 if isinstance(body["input"], str) else len(body["input"])
+    assert [item["index"] for item in payload["data"]] == list(range(count)), response.text[:500]
+    assert payload["object"] == "list" and payload["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.vllm
+@LIVE_FUZZ
+@given(body=live_bodies, how=st.sampled_from(["escaped", "raw"]))
+def test_any_json_body_with_live_backends_is_embedded_or_refused_cleanly(live_router: httpx.Client, body: Any,
+                                                                         how: str) -> None:
+    check_live(post(live_router, encode(body, how), "application/json"), body)
+
+
+def _statuses(client: httpx.Client) -> dict[str, float]:
+    """Requests the router counted, by HTTP status."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "jv4_requests_total":
+                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0.0) + sample.value
+    return counts
+
+
+@pytest.mark.vllm
+def test_the_live_fuzzing_reached_the_model(live_router: httpx.Client) -> None:
+    statuses = _statuses(live_router)
+    assert statuses.get("200", 0) >= 20 and statuses.get("400", 0) >= 20, statuses
+    assert not [status for status in statuses if status.startswith("5") and status != "503"], statuses
+
+
 def test_router_is_healthy_after_the_fuzzing(router: httpx.Client) -> None:
     assert router.get("/health").status_code == 200
     bad = router.post("/v1/embeddings", json={"input": "a", "dimensions": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "dimensions"
     valid = router.post("/v1/embeddings", json={"input": ["a", {"image": base64.b64encode(IMAGES[0]).decode()}]})
     assert valid.status_code == 503 and valid.headers["retry-after"]
-    statuses = {sample.labels["status"] for family in text_string_to_metric_families(router.get("/metrics").text)
-                for sample in family.samples if sample.name == "jv4_requests_total"}
+    statuses = _statuses(router)
     assert "500" not in statuses and "400" in statuses and "503" in statuses
