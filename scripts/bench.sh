@@ -3,7 +3,7 @@
 # checkpoint (hidden size 2048, one layer) if missing, prepares the retrieval task, then
 # `jv4-vllm bench` starts ONE vLLM deployment, the router and the replay upstreams, runs
 # every path, writes bench-results/ (results.json, results.md, throughput.png,
-# router-profile.txt) and stops everything it started.
+# router-profile.txt, long-inputs-router.md) and stops everything it started.
 # Extra arguments go to the benchmark, e.g. scripts/bench.sh --duration 5 --concurrency 1,4,16
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +17,8 @@ fi
 if [ ! -f "$MODELS/prepared/retrieval/jv4.json" ]; then
     "$PYTHON" -m jv4_vllm.cli prepare --source "$MODELS/source" --out "$MODELS/prepared" --tasks retrieval
 fi
-exec "$PYTHON" -m jv4_vllm.cli bench -- --source "$MODELS/source" --prepared "$MODELS/prepared" --out "$OUT" \
+"$PYTHON" -m jv4_vllm.cli bench -- --source "$MODELS/source" --prepared "$MODELS/prepared" --out "$OUT" \
     --profile 5 "$@"
+# Full-length passages (16k tokens, bf16 wire) under load: items/s, failures, router memory, /health latency.
+exec "$PYTHON" -m jv4_vllm.cli bench -- long-inputs --source "$MODELS/source" --prepared "$MODELS/prepared" \
+    --out "$OUT" --rounds 1

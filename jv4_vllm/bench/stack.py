@@ -40,7 +40,8 @@ def bench_config(settings: BenchSettings, upstream_url: str | None = None) -> Co
             "extra_args": ["--enforce-eager", *settings.extra_vllm_args],
             "env": VLLM_ENV,
         },
-        "backend": {"max_concurrency_per_replica": settings.max_concurrency},
+        # admission wide open: the benchmark offers the load it measures
+        "backend": {"tokens_in_flight_per_replica": 1 << 30},
     })
 
 
