@@ -14,6 +14,7 @@ from jv4_vllm._version import __version__
 if TYPE_CHECKING:
     from jv4_vllm.client import AsyncClient, Client
     from jv4_vllm.config import Config, load_config
+    from jv4_vllm.core.scoring import maxsim
     from jv4_vllm.errors import (
         AuthenticationError,
         BackendError,
@@ -32,6 +33,7 @@ _EXPORTS = {
     "Client": "jv4_vllm.client",
     "Config": "jv4_vllm.config",
     "load_config": "jv4_vllm.config",
+    "maxsim": "jv4_vllm.core.scoring",
     **{name: "jv4_vllm.errors" for name in (
         "AuthenticationError", "BackendError", "BackendTimeoutError", "BackendUnavailableError",
         "InputTooLongError", "InvalidRequestError", "Jv4Error", "ModelNotFoundError", "OverloadedError",
@@ -54,6 +56,7 @@ __all__ = [
     "PayloadTooLargeError",
     "__version__",
     "load_config",
+    "maxsim",
 ]
 
 

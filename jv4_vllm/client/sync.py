@@ -10,6 +10,8 @@ from typing import Any, Coroutine, Sequence, TypeVar
 from jv4_vllm.client.aio import AsyncClient, Embeddings
 from jv4_vllm.config import Config
 from jv4_vllm.core.images import ImageSource
+from jv4_vllm.core.pdf import PdfSource
+from jv4_vllm.core.scoring import RerankHit
 
 __all__ = ["Client"]
 
@@ -54,6 +56,14 @@ class Client:
     def encode_image(self, images: ImageSource | Sequence[ImageSource], **kwargs: Any) -> Embeddings:
         """See :meth:`AsyncClient.encode_image`."""
         return self._call(self._client().encode_image(images, **kwargs))
+
+    def encode_pdf(self, pdf: PdfSource, **kwargs: Any) -> Embeddings:
+        """See :meth:`AsyncClient.encode_pdf`."""
+        return self._call(self._client().encode_pdf(pdf, **kwargs))
+
+    def rerank(self, query: Any, documents: Sequence[Any], **kwargs: Any) -> list[RerankHit]:
+        """See :meth:`AsyncClient.rerank`."""
+        return self._call(self._client().rerank(query, documents, **kwargs))
 
     def close(self) -> None:
         if self._async is not None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import fetch_image_url, read_image
@@ -41,9 +42,11 @@ __all__ = [
     "PdfSource",
     "RenderedPdf",
     "check_page_budget",
+    "format_pages",
     "load_pdf",
     "parse_pages",
     "plan_pdf",
+    "read_pdf_bytes",
     "render_pdf",
     "render_plan",
 ]
@@ -134,6 +137,19 @@ def parse_pages(selection: PageSelection, page_count: int, index: int) -> tuple[
     return tuple(sorted(chosen))
 
 
+def format_pages(pages: Sequence[int]) -> str:
+    """Ascending page numbers as a compact selection: (1, 2, 3, 7) -> "1-3,7"."""
+    parts: list[str] = []
+    ordered = sorted(set(pages))
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            first, last = ordered[start], ordered[i - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(parts)
+
+
 def check_page_budget(plans: Sequence[PdfPlan], limits: LimitsConfig) -> None:
     """413 naming the PDF at which the request's pages pass ``max_pdf_pages_per_request``."""
     total = 0
@@ -166,7 +182,7 @@ def _from_base64(text: str, limits: LimitsConfig, index: int) -> bytes:
         raise _invalid(index, "the PDF is not valid base64 (nor a data URI or URL)", "invalid_base64") from exc
 
 
-def _read_bytes(value: PdfSource, limits: LimitsConfig, index: int, allow_paths: bool) -> bytes:
+def read_pdf_bytes(value: PdfSource, limits: LimitsConfig, index: int, allow_paths: bool = False) -> bytes:
     """The file's bytes from raw bytes, base64, a data URI or (``allow_paths``) a local file."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
@@ -208,7 +224,14 @@ async def _fetch(url: str, limits: LimitsConfig, index: int) -> bytes:
 
 
 def _open(data: bytes, index: int) -> pdfium.PdfDocument:
-    """Open under the lock's protection (the caller holds it); every failure is a 400 naming the input."""
+    """Open (the caller holds the lock); every failure is a 400 naming the input.
+
+    PDFium's last-error code is process state that a failed load does not always set (a
+    document without a page tree fails with no code), so it is first set to "file not found",
+    which no in-memory load reports: a failure that leaves it there had no page tree.
+    """
+    if pdfium_c.FPDF_LoadDocument(b"", None):  # pragma: no cover - an empty path never opens
+        raise RuntimeError("PDFium opened an empty path")
     try:
         return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
@@ -216,7 +239,7 @@ def _open(data: bytes, index: int) -> pdfium.PdfDocument:
         if code in _PASSWORD_ERRORS:
             raise _invalid(index, "the PDF is encrypted (password protected); send an unprotected PDF",
                            "encrypted_pdf") from None
-        if code == 0:  # PDFium's "success" without a document: no page tree it can use
+        if code == pdfium_c.FPDF_ERR_FILE:
             raise _invalid(index, "the PDF has no pages", "empty_pdf") from None
         raise _invalid(index, "not a readable PDF (malformed or truncated)") from None
 
@@ -285,7 +308,7 @@ async def load_pdf(value: PdfSource, selection: PageSelection, limits: LimitsCon
         return await asyncio.to_thread(plan_pdf, data, selection, limits, index)
 
     def read_and_plan() -> PdfPlan:
-        return plan_pdf(_read_bytes(value, limits, index, allow_paths), selection, limits, index)
+        return plan_pdf(read_pdf_bytes(value, limits, index, allow_paths), selection, limits, index)
 
     return await asyncio.to_thread(read_and_plan)
 

@@ -17,7 +17,7 @@ import asyncio
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DocumentScores",
+    "RerankHit",
     "Scoring",
     "cosine",
     "cosine_scores",
@@ -109,6 +110,7 @@ def rename_inputs(error: Jv4Error, name: Callable[[int], str]) -> Jv4Error:
         return name(int(match.group(1)))
 
     error.message = _INPUT_REF.sub(swap, error.message)
+    error.args = (error.message,)
     if error.param is not None:
         error.param = _INPUT_REF.sub(swap, error.param)
     return error
@@ -121,6 +123,16 @@ class DocumentScores:
     scores: np.ndarray
     pages: list[int | None]
     prompt_tokens: int
+
+
+@dataclass(slots=True)
+class RerankHit:
+    """One ranked document: its position in the request, its score, its best page (PDFs)."""
+
+    index: int
+    relevance_score: float
+    page: int | None = None
+    document: Any = None
 
 
 def _score(query: np.ndarray, documents: list[np.ndarray], scoring: Scoring) -> np.ndarray:
