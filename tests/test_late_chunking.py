@@ -191,3 +191,175 @@ def test_reference_side_agrees_with_the_plan(reference, tokenizer: Tokenizer) ->
     assert theirs.hidden.shape == whole.shape
     np.testing.assert_allclose(theirs.hidden[:40], whole[:40], rtol=1e-4, atol=1e-4)
     assert not np.allclose(theirs.hidden[40:], whole[40:], atol=1e-3)  # later windows lost context
+
+
+# ---- the service against the reference encoder (real router, real vLLM) ------------------------
+
+LATE_PARITY = 0.9999
+ROW_PARITY = 0.999
+DIM = 32  # a Matryoshka size below the demo model's hidden size
+DOCUMENT = ["Late chunking embeds a whole document in one pass.", "Each chunk then pools its own tokens,",
+            "so a chunk that says 'it' still knows what it refers to.", "x", ", and punctuation may start a chunk.",
+            *MULTILINGUAL]
+
+
+def window_of(vllm_stack) -> tuple[int, int]:
+    """(max tokens per pass, overlap) of the running engine's long late chunking."""
+    from jv4_vllm.core.spec import load_task_spec
+
+    spec = load_task_spec(vllm_stack.task_dir("retrieval"))
+    return min(vllm_stack.vllm.max_model_len, spec.max_position_embeddings), vllm_stack.backend.late_chunking_overlap
+
+
+def late_post(router_url: str, texts: list, **fields: object) -> dict:
+    import httpx
+
+    response = httpx.post(f"{router_url}/v1/embeddings", timeout=300,
+                          json={"input": texts, "late_chunking": True, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def dense(payload: dict) -> np.ndarray:
+    return np.array([item["embedding"] for item in payload["data"]], np.float32)
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("task", "role", "texts"), [
+    ("retrieval.passage", "passage", DOCUMENT),
+    ("text-matching", "query", MULTILINGUAL),
+    ("code.query", "query", ["def add(a, b):", "return a + b", "# adds two numbers"]),
+])
+def test_late_chunking_matches_the_reference(router_url: str, reference, vllm_stack, parity_report,
+                                             task: str, role: str, texts: list[str]) -> None:
+    from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+    max_tokens, overlap = window_of(vllm_stack)
+    payload = late_post(router_url, texts, task=task)
+    got = dense(payload)
+    want = reference_late_chunking(reference, texts, task.split(".")[0], role, max_tokens=max_tokens,
+                                   overlap=overlap)
+    assert got.shape == (len(texts), reference.hidden_size)
+    cosines = cos(got, want.single_vectors())
+    parity_report.append(("router", f"late chunking {task}", "single", len(texts), float(cosines.min())))
+    assert cosines.min() >= LATE_PARITY
+    assert payload["usage"]["prompt_tokens"] == len(want.token_ids)
+    # not the same as embedding each chunk alone: the test would see late chunking ignored
+    import httpx
+
+    alone = httpx.post(f"{router_url}/v1/embeddings", json={"input": texts, "task": task}, timeout=300).json()
+    assert cos(got, dense(alone)).min() < 0.999
+
+
+@pytest.mark.vllm
+def test_late_chunking_with_dimensions_and_every_embedding_type(router_url: str, reference, vllm_stack) -> None:
+    import base64
+
+    from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+    max_tokens, overlap = window_of(vllm_stack)
+    want = reference_late_chunking(reference, DOCUMENT, "retrieval", "query", max_tokens=max_tokens,
+                                   overlap=overlap).single_vectors(truncate_dim=DIM)
+    floats = dense(late_post(router_url, DOCUMENT, task="retrieval.query", dimensions=DIM))
+    assert floats.shape == (len(DOCUMENT), DIM) and cos(floats, want).min() >= LATE_PARITY
+    b64 = late_post(router_url, DOCUMENT, task="retrieval.query", dimensions=DIM, embedding_type="base64")
+    decoded = np.array([np.frombuffer(base64.b64decode(item["embedding"]), "<f4") for item in b64["data"]])
+    assert np.array_equal(decoded, floats)
+    bits = late_post(router_url, DOCUMENT, task="retrieval.query", dimensions=DIM, encoding_type="ubinary")
+    assert np.array_equal(np.array([item["embedding"] for item in bits["data"]], np.uint8),
+                          np.packbits(floats > 0, axis=-1))
+    signed = late_post(router_url, DOCUMENT, task="retrieval.query", dimensions=DIM, embedding_type="binary")
+    assert np.array_equal(np.array([item["embedding"] for item in signed["data"]]),
+                          np.packbits(floats > 0, axis=-1).astype(np.int16) - 128)
+
+
+@pytest.mark.vllm
+def test_late_chunking_multivector_spans(router_url: str, reference, vllm_stack, parity_report) -> None:
+    """Each input gets exactly its span's rows: the joined prompt's rows, split at the span boundaries."""
+    from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+    texts = ["Hello world.", "x", ", then punctuation", "!", "猫が好き。", "end"]
+    max_tokens, overlap = window_of(vllm_stack)
+    payload = late_post(router_url, texts, task="retrieval.passage", return_multivector=True)
+    got = [np.array(item["embeddings"], np.float32) for item in payload["data"]]
+    ref = reference_late_chunking(reference, texts, "retrieval", "passage", max_tokens=max_tokens, overlap=overlap)
+    assert [m.shape[0] for m in got] == [int((ref.owners == i).sum()) for i in range(len(texts))]
+    assert got[1].shape[0] == 1  # "x" after its joining space is one token
+    whole = reference.encode_text([" ".join(texts)], "retrieval", "passage", return_multivector=True)[0]
+    rows = cos(np.concatenate(got), whole)
+    parity_report.append(("router", "late chunking multi-vector rows", "multi", len(rows), float(rows.min())))
+    assert rows.min() >= ROW_PARITY
+
+
+@pytest.mark.vllm
+def test_late_chunking_truncate(router_url: str, reference, vllm_stack, parity_report) -> None:
+    import httpx
+
+    from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+    max_tokens, overlap = window_of(vllm_stack)
+    texts = ["A long first chunk about cats. " * 10, "The second chunk runs past the limit. " * 20]
+    payload = late_post(router_url, texts, truncate=True)
+    ref = reference_late_chunking(reference, texts, "text-matching", "query", max_tokens=max_tokens,
+                                  truncate=True, overlap=overlap)
+    assert len(ref.token_ids) == max_tokens and payload["usage"]["prompt_tokens"] == max_tokens
+    assert 0 < int((ref.owners == 1).sum()) < len(reference.text_token_ids([texts[1]])[0])  # the second is cut
+    cosines = cos(dense(payload), ref.single_vectors())
+    parity_report.append(("router", "late chunking truncate", "single", len(texts), float(cosines.min())))
+    assert cosines.min() >= LATE_PARITY
+    cut_away = httpx.post(f"{router_url}/v1/embeddings", timeout=300,
+                          json={"input": [*texts, "never reached"], "late_chunking": True, "truncate": True})
+    assert cut_away.status_code == 400 and cut_away.json()["error"]["param"] == "input[2]"
+
+
+@pytest.mark.vllm
+def test_long_late_chunking(router_url: str, reference, vllm_stack, parity_report) -> None:
+    """A joined text over the deployment's maximum length: overlapping windows, the same on the reference."""
+    from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+    max_tokens, overlap = window_of(vllm_stack)
+    texts = [f"Section {i}: the cat number {i} sleeps on windowsill {i % 7}, dreaming of fish." for i in range(60)]
+    texts[30] = "Abschnitt 30: 猫はまだ眠っています。 Кошка спит."
+    payload = late_post(router_url, texts, task="retrieval.passage")
+    ref = reference_late_chunking(reference, texts, "retrieval", "passage", max_tokens=max_tokens, overlap=overlap)
+    assert len(ref.token_ids) > 2 * max_tokens  # three windows or more
+    cosines = cos(dense(payload), ref.single_vectors())
+    parity_report.append(("router", "long late chunking", "single", len(texts), float(cosines.min())))
+    assert cosines.min() >= LATE_PARITY
+    # the windows matter: one pass over everything (possible on the reference only) gives other vectors
+    whole = reference.token_hidden_states(ref.token_ids, "retrieval")
+    one_pass = np.stack([whole[ref.owners == i].mean(axis=0) for i in range(len(texts))])
+    assert cos(dense(payload), one_pass).min() < 0.9999
+
+    multi = late_post(router_url, texts, task="retrieval.passage", return_multivector=True)
+    rows = [np.array(item["embeddings"], np.float32) for item in multi["data"]]
+    assert sum(m.shape[0] for m in rows) == len(ref.token_ids)
+    assert [m.shape[0] for m in rows] == [int((ref.owners == i).sum()) for i in range(len(texts))]
+
+
+@pytest.mark.vllm
+def test_python_client_late_chunking(router_url: str, vllm_stack) -> None:
+    """``encode_text(chunks, late_chunking=True)`` through the router and in-process give the router's vectors."""
+    from jv4_vllm import Client
+
+    want = dense(late_post(router_url, DOCUMENT, task="retrieval.passage", dimensions=DIM))
+    with Client(router_url) as client:
+        got = client.encode_text(DOCUMENT, task="retrieval", prompt_name="passage", late_chunking=True,
+                                 truncate_dim=DIM, batch_size=2)
+    assert got.shape == want.shape and cos(got, want).min() >= 0.9999999
+    with Client.direct(vllm_stack) as direct:
+        got_direct = direct.encode_text(DOCUMENT, task="retrieval", prompt_name="passage", late_chunking=True,
+                                        truncate_dim=DIM)
+        multi = direct.encode_text(DOCUMENT[:3], task="retrieval", prompt_name="passage", late_chunking=True,
+                                   return_multivector=True)
+    assert cos(got_direct, want).min() >= 0.9999999
+    want_multi = late_post(router_url, DOCUMENT[:3], task="retrieval.passage", return_multivector=True)["data"]
+    assert len(multi) == 3
+    for got_rows, item in zip(multi, want_multi):
+        assert got_rows.shape == np.array(item["embeddings"]).shape
+        assert cos(got_rows, np.array(item["embeddings"])).min() >= 0.9999999

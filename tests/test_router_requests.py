@@ -120,7 +120,7 @@ ROWS = [
     Row("body-is-array", 400, None, "must be a JSON object", body=["hello"]),
     Row("body-is-string", 400, None, "must be a JSON object", body="hello"),
     Row("deeply-nested", 400, None, "error parsing the body", raw=b"[" * 100_000 + b"]" * 100_000),
-    Row("unknown-field", 400, "late_chunking", "unknown field", body={"input": "a", "late_chunking": True}),
+    Row("unknown-field", 400, "chunk_size", "unknown field", body={"input": "a", "chunk_size": 512}),
     Row("get-method", 405, None, "Method Not Allowed", method="GET"),
     # input
     Row("missing-input", 400, "input", "input is required", body={"model": "jina-embeddings-v4"}),
@@ -167,6 +167,18 @@ ROWS = [
     Row("conflicting-output-types", 400, "embedding_type", "contradicts",
         body={"input": "a", "embedding_type": "binary", "encoding_format": "base64"}),
     Row("user-not-string", 400, "user", "valid string", body={"input": "a", "user": 12}),
+    Row("return-dense-not-bool", 400, "return_dense", "valid boolean",
+        body={"input": "a", "return_multivector": True, "return_dense": "yes"}),
+    Row("return-dense-bad-dimensions", 400, "dimensions", "not supported",
+        body={"input": "a", "return_multivector": True, "return_dense": True, "dimensions": 100}),
+    # late chunking
+    Row("late-chunking-not-bool", 400, "late_chunking", "valid boolean", body={"input": "a", "late_chunking": 1}),
+    Row("late-chunking-image", 400, "input[1]", "late chunking takes texts only",
+        body={"input": ["a", {"image": GOOD_IMAGE}], "late_chunking": True}),
+    Row("late-chunking-blank-input", 400, "input[1]", "empty string",
+        body={"input": ["a", " ", "b"], "late_chunking": True}),
+    Row("late-chunking-cut-away", 400, "input[1]", r"input\[1\] has no tokens left",
+        body={"input": [LONG_TEXT, "the tail"], "late_chunking": True, "truncate": True}),
     # images
     Row("image-broken-base64", 400, "input[1]", "not valid base64",
         body={"input": ["a", {"image": "iVBORw0KGgo***"}]}, code="invalid_base64"),
@@ -369,7 +381,8 @@ async def test_openapi_documents_the_contract(servers: dict[str, str]) -> None:
         assert (await client.get(f"{servers['default']}/docs")).status_code == 200
     schema = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert set(schema) == {"model", "input", "dimensions", "encoding_format", "user", "task",
-                           "return_multivector", "embedding_type", "encoding_type", "truncate"}
+                           "return_multivector", "embedding_type", "encoding_type", "truncate", "late_chunking",
+                           "return_dense"}
     assert all(prop.get("description") for prop in schema.values())
     assert {"/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,20 +21,30 @@ from jv4_vllm.core.images import ImageSource, load_image
 from jv4_vllm.core.types import EmbedOptions, Item, TextInput, parse_task
 from jv4_vllm.errors import InvalidRequestError
 
-__all__ = ["AsyncClient", "Embeddings"]
+__all__ = ["AsyncClient", "DenseAndMulti", "Embeddings"]
 
 KNOWN_TASKS = ("retrieval", "text-matching", "code")
 PROGRESS_MIN_BATCHES = 4  # show a bar by default once a job spans this many requests
 Embeddings = np.ndarray | list[np.ndarray]
 
 
+class DenseAndMulti(NamedTuple):
+    """Both outputs of one pass (``return_multivector=True, return_dense=True``): single vectors
+    [N, d] (one [d] vector for a single input) and one [n_i, P] multi-vector per input."""
+
+    dense: np.ndarray
+    multi: list[np.ndarray] | np.ndarray
+
+
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
-             truncate: bool) -> EmbedOptions:
+             truncate: bool, *, return_dense: bool = False, late_chunking: bool = False) -> EmbedOptions:
     name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", KNOWN_TASKS)
-    if return_multivector and truncate_dim is not None:
-        raise InvalidRequestError("truncate_dim cannot be combined with return_multivector", param="truncate_dim")
+    both = return_multivector and return_dense
+    if return_multivector and truncate_dim is not None and not both:
+        raise InvalidRequestError("truncate_dim cannot be combined with return_multivector (unless return_dense: "
+                                  "then it applies to the single vectors)", param="truncate_dim")
     return EmbedOptions(task=name, role=role, dimensions=truncate_dim, multivector=return_multivector,
-                        truncate=truncate)
+                        truncate=truncate, late_chunking=late_chunking, dense_and_multivector=both)
 
 
 class AsyncClient:
@@ -69,42 +79,59 @@ class AsyncClient:
     async def encode_text(self, texts: str | Sequence[str], task: str = "retrieval", prompt_name: str = "query",
                           truncate_dim: int | None = None, return_multivector: bool = False,
                           batch_size: int = 32, show_progress: bool | None = None,
-                          truncate: bool = False) -> Embeddings:
-        """Embed texts; a single string gives a single vector (or one multi-vector)."""
+                          truncate: bool = False, late_chunking: bool = False,
+                          return_dense: bool = False) -> Embeddings | DenseAndMulti:
+        """Embed texts; a single string gives a single vector (or one multi-vector).
+
+        ``late_chunking``: the texts are chunks of one document, embedded together in one pass
+        (one request, whatever ``batch_size``), one embedding per chunk. ``return_dense`` with
+        ``return_multivector``: both outputs from one pass, as :class:`DenseAndMulti`.
+        """
         single = isinstance(texts, str)
         values = [texts] if single else list(texts)
         for index, text in enumerate(values):
             if not isinstance(text, str) or not text.strip():
                 raise InvalidRequestError(f"input[{index}] must be a non-empty string", param=f"input[{index}]")
-        options = _options(task, prompt_name, truncate_dim, return_multivector, truncate)
+        options = _options(task, prompt_name, truncate_dim, return_multivector, truncate,
+                           return_dense=return_dense, late_chunking=late_chunking)
+        if late_chunking:
+            batch_size = max(len(values), 1)
         result = await self._run([TextInput(t) for t in values], options, batch_size, show_progress)
+        if isinstance(result, DenseAndMulti):
+            return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
         return result[0] if single else result
 
     async def encode_image(self, images: ImageSource | Sequence[ImageSource], task: str = "retrieval",
                            truncate_dim: int | None = None, return_multivector: bool = False,
-                           batch_size: int = 8, show_progress: bool | None = None) -> Embeddings:
-        """Embed images given as paths, PIL images, bytes, base64/data URIs or URLs."""
+                           batch_size: int = 8, show_progress: bool | None = None,
+                           return_dense: bool = False) -> Embeddings | DenseAndMulti:
+        """Embed images given as paths, PIL images, bytes, base64/data URIs or URLs
+        (``return_dense``: as in :meth:`encode_text`)."""
         single = not isinstance(images, (list, tuple))
         values = [images] if single else list(images)
-        options = _options(task, "query", truncate_dim, return_multivector, False)
+        options = _options(task, "query", truncate_dim, return_multivector, False, return_dense=return_dense)
         items: list[Item] = [await load_image(value, self._image_limits, index, allow_paths=True)
                              for index, value in enumerate(values)]
         result = await self._run(items, options, batch_size, show_progress)
+        if isinstance(result, DenseAndMulti):
+            return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
         return result[0] if single else result
 
     async def _run(self, items: list[Item], options: EmbedOptions, batch_size: int,
-                   show_progress: bool | None) -> Embeddings:
+                   show_progress: bool | None) -> Embeddings | DenseAndMulti:
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
         chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
         gate = asyncio.Semaphore(self._max_concurrency)
         outputs: list[list[np.ndarray]] = [[] for _ in chunks]
+        multis: list[list[np.ndarray]] = [[] for _ in chunks]  # with return_dense: the multi-vectors
         with tqdm(total=len(items), disable=not show, unit="item", desc="Encoding") as bar:
             async def send(position: int, chunk: list[Item]) -> None:
                 async with gate:
                     result = await self._sender(chunk, options)
                 outputs[position] = result.embeddings
+                multis[position] = result.multivectors or []
                 bar.update(len(chunk))
             try:
                 async with asyncio.TaskGroup() as group:
@@ -113,4 +140,6 @@ class AsyncClient:
             except ExceptionGroup as failure:
                 raise failure.exceptions[0] from None
         flat = [vector for part in outputs for vector in part]
+        if options.dense_and_multivector:
+            return DenseAndMulti(np.stack(flat), [matrix for part in multis for matrix in part])
         return flat if options.multivector else np.stack(flat)

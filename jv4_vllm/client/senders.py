@@ -51,6 +51,10 @@ class RouterSender:
         }
         if options.dimensions is not None:
             body["dimensions"] = options.dimensions
+        if options.late_chunking:
+            body["late_chunking"] = True
+        if options.dense_and_multivector:
+            body["return_dense"] = True
         return orjson.dumps(body)
 
     async def post(self, body: bytes) -> httpx.Response:
@@ -66,10 +70,12 @@ class RouterSender:
     def result(response: httpx.Response) -> EmbedResult:
         """The embeddings of a successful answer, in input order."""
         payload = orjson.loads(response.content)
-        return EmbedResult(
-            embeddings=[decode_embedding_item(entry) for entry in sorted(payload["data"], key=lambda e: e["index"])],
-            prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)),
-        )
+        data = sorted(payload["data"], key=lambda e: e["index"])
+        tokens = int(payload.get("usage", {}).get("prompt_tokens", 0))
+        if data and "embeddings" in data[0] and "embedding" in data[0]:  # return_dense: both outputs
+            return EmbedResult(embeddings=[decode_embedding_item({"embedding": e["embedding"]}) for e in data],
+                               multivectors=[decode_embedding_item(e) for e in data], prompt_tokens=tokens)
+        return EmbedResult(embeddings=[decode_embedding_item(entry) for entry in data], prompt_tokens=tokens)
 
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return self.result(await self.post(self.body(items, options)))

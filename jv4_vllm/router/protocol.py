@@ -154,7 +154,19 @@ class EmbeddingsRequest(_Schema):
     encoding_type: Literal["float", "base64", "binary", "ubinary"] | None = Field(
         None, description="Another name for embedding_type (Jina's client libraries send this one).")
     truncate: StrictBool = Field(
-        False, description="Cut over-long texts to the model's maximum instead of failing.")
+        False, description="Cut over-long texts to the model's maximum instead of failing. With late_chunking: "
+                           "cut the joined prompt (an input left with no tokens is a 400); without it, a joined "
+                           "prompt over the maximum is embedded in overlapping windows.")
+    late_chunking: StrictBool = Field(
+        False, description="Join the text inputs with one space (task prefix once in front), embed them in one "
+                           "pass and pool each input over its own tokens: chunk embeddings that see the whole "
+                           "document, one per input in order. Texts only (an image is a 400). Combines with "
+                           "dimensions, every embedding_type, return_multivector (each input gets its span's "
+                           "rows) and return_dense.")
+    return_dense: StrictBool = Field(
+        False, description="With return_multivector: each item also carries the input's single vector as "
+                           "`embedding` (honouring dimensions and embedding_type), from the same vLLM pass. "
+                           "Without return_multivector it changes nothing.")
 
     def output_type(self) -> EmbeddingType:
         """One choice under three names: embedding_type, encoding_type (Jina) and encoding_format (OpenAI)."""
@@ -189,7 +201,9 @@ class EmbeddingsRequest(_Schema):
         task, role = self.resolve_task(model_name, tasks)
         self.output_type()
         return EmbedOptions(task=task, role=role, dimensions=self.dimensions,  # type: ignore[arg-type]
-                            multivector=self.return_multivector, truncate=self.truncate)
+                            multivector=self.return_multivector, truncate=self.truncate,
+                            late_chunking=self.late_chunking,
+                            dense_and_multivector=self.return_multivector and self.return_dense)
 
 
 def field_path(loc: Sequence[str | int]) -> str | None:
@@ -219,6 +233,8 @@ class MultiVectorItem(BaseModel):
     embeddings: list[list[float]] | list[list[int]] | str = Field(
         description="One row per token; with base64, one string of row-major little-endian float32.")
     shape: list[int] | None = Field(None, description="[rows, columns]; present with base64.")
+    embedding: list[float] | str | list[int] | None = Field(
+        None, description="With return_dense: the input's single vector, as in an embedding item.")
 
 
 class Usage(BaseModel):

@@ -77,8 +77,10 @@ async def _items(raw: Sequence[str | TextObject | ImageObject | UrlObject | Byte
 def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType,
                       multivector: bool) -> bytes:
     """The JSON body for ``result`` (CPU-bound: call it from a worker thread)."""
-    item = _multivector_item if multivector else _vector_item
-    data = [item(index, array, embedding_type) for index, array in enumerate(result.embeddings)]
+    item, arrays = (_multivector_item if multivector else _vector_item), result.embeddings
+    if result.multivectors is not None:  # dense and multi-vector from one pass
+        item, arrays = _both_item, list(zip(result.multivectors, result.embeddings))  # type: ignore[assignment]
+    data = [item(index, array, embedding_type) for index, array in enumerate(arrays)]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
     return orjson.dumps({"object": "list", "model": model, "data": data, "usage": usage},
                         option=orjson.OPT_SERIALIZE_NUMPY)
@@ -94,3 +96,10 @@ def _multivector_item(index: int, matrix: np.ndarray, embedding_type: EmbeddingT
     fields = ({"embeddings": np.ascontiguousarray(matrix, dtype=np.float32)} if embedding_type == "float"
               else encode_multivector(matrix, embedding_type))
     return {"object": "embeddings", "index": index, **fields}
+
+
+def _both_item(index: int, pair: tuple[np.ndarray, np.ndarray], embedding_type: EmbeddingType) -> dict[str, Any]:
+    """A multi-vector item that also carries the input's single vector as ``embedding``."""
+    matrix, vector = pair
+    return {**_multivector_item(index, matrix, embedding_type),
+            "embedding": _vector_item(index, vector, embedding_type)["embedding"]}
