@@ -8,20 +8,25 @@ multi-vectors (never a ragged stack). Large inputs are split into requests of
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from jv4_vllm.client.senders import EngineSender, RouterSender
 from jv4_vllm.config import Config, LimitsConfig, load_config
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.images import ImageSource, load_image
+from jv4_vllm.core.pdf import PageSelection, PdfInput, PdfSource, format_pages, load_pdf
+from jv4_vllm.core.scoring import RerankHit, Scoring, rename_inputs
 from jv4_vllm.core.types import EmbedOptions, Item, TextInput, parse_task
-from jv4_vllm.errors import InvalidRequestError
+from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
-__all__ = ["AsyncClient", "DenseAndMulti", "Embeddings"]
+__all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit"]
 
 KNOWN_TASKS = ("retrieval", "text-matching", "code")
 PROGRESS_MIN_BATCHES = 4  # show a bar by default once a job spans this many requests
@@ -34,6 +39,7 @@ class DenseAndMulti(NamedTuple):
 
     dense: np.ndarray
     multi: list[np.ndarray] | np.ndarray
+UNLIMITED_PAGES = 1 << 30  # the client splits a PDF into requests; each request meets the server's limit
 
 
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
@@ -116,6 +122,88 @@ class AsyncClient:
         if isinstance(result, DenseAndMulti):
             return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
         return result[0] if single else result
+
+    async def encode_pdf(self, pdf: PdfSource, task: str = "retrieval", truncate_dim: int | None = None,
+                         return_multivector: bool = False, pages: PageSelection = None, batch_size: int = 8,
+                         show_progress: bool | None = None) -> Embeddings:
+        """Embed the pages of one PDF (path, bytes, base64/data URI or URL), in page order.
+
+        ``pages`` selects pages ("1-3,7" or [1, 2, 3]); default: all. Pages are rendered at the
+        server's ``render_dpi`` (in-process for direct clients) and sent ``batch_size`` per
+        request, with a progress bar over pages. [pages, d] for single vectors, else one
+        [n_tokens, P] matrix per page.
+        """
+        if batch_size < 1:
+            raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
+        options = _options(task, "query", truncate_dim, return_multivector, False)
+        plan = await load_pdf(pdf, pages, self._pdf_limits(), 0, allow_paths=True)
+        chunks = [plan.pages[i:i + batch_size] for i in range(0, len(plan.pages), batch_size)]
+        show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
+        gate = asyncio.Semaphore(self._max_concurrency)
+        outputs: list[list[np.ndarray]] = [[] for _ in chunks]
+        with tqdm(total=len(plan.pages), disable=not show, unit="page", desc="Encoding PDF") as bar:
+            async def send(position: int, chunk: tuple[int, ...]) -> None:
+                async with gate:
+                    result = await self._sender.embed_pdf(PdfInput(plan.data, format_pages(chunk)), options)
+                outputs[position] = result.embeddings
+                bar.update(len(chunk))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for position, chunk in enumerate(chunks):
+                        group.create_task(send(position, chunk))
+            except ExceptionGroup as failure:
+                raise failure.exceptions[0] from None
+        flat = [vector for part in outputs for vector in part]
+        return flat if options.multivector else np.stack(flat)
+
+    async def rerank(self, query: Any, documents: Sequence[Any], *, top_n: int | None = None,
+                     return_documents: bool = False, task: str = "retrieval", scoring: Scoring = "maxsim",
+                     truncate: bool = False) -> list[RerankHit]:
+        """Documents ordered by relevance to ``query``, best first (the router's /v1/rerank).
+
+        The query is a string, ``{"text": ...}``, ``{"image": src}`` or a PIL image; documents are
+        those or ``{"pdf": src, "pages": "1-3"}`` / a ``Path`` to a ``.pdf`` (a PDF ranks as its
+        best page, named by ``hit.page``). ``src`` is a path, bytes, base64, data URI or URL.
+        ``scoring``: ``maxsim`` (multi-vector late interaction) or ``dense`` (cosine).
+        """
+        query_item = await self._rerank_item(query, 0, lambda _: "query")
+        if isinstance(query_item, PdfInput):
+            raise InvalidRequestError("the query must be a text or an image, not a PDF", param="query")
+        items = [await self._rerank_item(d, i, lambda i: f"documents[{i}]") for i, d in enumerate(documents)]
+        if not items:
+            raise InvalidRequestError("documents is empty; send at least one document", param="documents")
+        hits = await self._sender.rerank(query_item, items, task=task, scoring=scoring, truncate=truncate,
+                                         top_n=top_n)
+        if return_documents:
+            for hit in hits:
+                hit.document = documents[hit.index]
+        return hits
+
+    def _pdf_limits(self) -> LimitsConfig:
+        return self._image_limits.model_copy(update={"max_pdf_pages_per_request": UNLIMITED_PAGES})
+
+    async def _rerank_item(self, value: Any, index: int, name: Callable[[int], str]) -> Item | PdfInput:
+        """A rerank query or document as an item; a PDF is read and checked, not rendered."""
+        kind, source, pages = "text", value, None
+        if isinstance(value, dict) and len(value.keys() - {"pages"}) == 1:
+            kind = next(iter(value.keys() - {"pages"}))
+            source, pages = value[kind], value.get("pages")
+        elif isinstance(value, Image.Image):
+            kind = "image"
+        elif isinstance(value, os.PathLike):
+            kind = "pdf" if Path(value).suffix.lower() == ".pdf" else "image"
+        try:
+            if kind == "text" and isinstance(source, str):
+                return TextInput(source)
+            if kind == "image":
+                return await load_image(source, self._image_limits, index, allow_paths=True)
+            if kind == "pdf":
+                plan = await load_pdf(source, pages, self._pdf_limits(), index, allow_paths=True)
+                return PdfInput(plan.data, format_pages(plan.pages))
+        except Jv4Error as error:
+            raise rename_inputs(error, name) from None
+        raise InvalidRequestError(f"{name(index)} must be a string, {{\"text\": ...}}, {{\"image\": ...}}, "
+                                  f"{{\"pdf\": ...}}, a PIL image or a Path", param=name(index))
 
     async def _run(self, items: list[Item], options: EmbedOptions, batch_size: int,
                    show_progress: bool | None) -> Embeddings | DenseAndMulti:

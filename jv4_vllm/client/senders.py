@@ -6,21 +6,26 @@ above it only split, schedule and stack.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, Awaitable, Callable
 
 import httpx
 import orjson
 
+from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.engine import Engine
+from jv4_vllm.core.pdf import PdfInput, RenderedPdf, plan_pdf, render_pdf
+from jv4_vllm.core.scoring import RerankHit, Scoring, ranking, rename_inputs, score_documents
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import decode_embedding_item
-from jv4_vllm.errors import error_from_body
+from jv4_vllm.errors import Jv4Error, error_from_body
 
 __all__ = ["EngineSender", "RouterSender", "Sender"]
 
 Sender = Callable[[list[Item], EmbedOptions], Awaitable[EmbedResult]]
 EMBEDDINGS_PATH = "/v1/embeddings"
+RERANK_PATH = "/v1/rerank"
 _JSON = {"content-type": "application/json"}
 
 
@@ -34,6 +39,7 @@ class RouterSender:
     def __init__(self, url: str, api_key: str | None, model: str, timeout: float,
                  *, http: httpx.AsyncClient | None = None) -> None:
         self._url = url.rstrip("/") + EMBEDDINGS_PATH
+        self._rerank_url = url.rstrip("/") + RERANK_PATH
         self._headers = {"Authorization": f"Bearer {api_key}", **_JSON} if api_key else dict(_JSON)
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout)
@@ -57,9 +63,9 @@ class RouterSender:
             body["return_dense"] = True
         return orjson.dumps(body)
 
-    async def post(self, body: bytes) -> httpx.Response:
-        """POST one body; an error answer raises the class the router rendered."""
-        response = await self._http.post(self._url, content=body, headers=self._headers)
+    async def post(self, body: bytes, url: str | None = None) -> httpx.Response:
+        """POST one body (to /v1/embeddings unless ``url``); an error answer raises the class the router rendered."""
+        response = await self._http.post(url or self._url, content=body, headers=self._headers)
         if response.status_code >= 400:
             payload = response.json() if response.content else {}
             retry = response.headers.get("retry-after")
@@ -80,15 +86,40 @@ class RouterSender:
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return self.result(await self.post(self.body(items, options)))
 
+    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions) -> EmbedResult:
+        """The vectors of one PDF's selected pages, in page order (the router renders them)."""
+        payload = orjson.loads((await self.post(self.body([pdf], options))).content)  # type: ignore[list-item]
+        return EmbedResult(embeddings=[decode_embedding_item(page) for page in payload["data"][0]["pages"]],
+                           prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)))
+
+    async def rerank(self, query: Item, documents: list[Item | PdfInput], *, task: str, scoring: Scoring,
+                     truncate: bool, top_n: int | None) -> list[RerankHit]:
+        """The router's /v1/rerank ranking, best first."""
+        body: dict[str, Any] = {"model": self._model, "task": task, "query": _item_payload(query),
+                                "documents": [_item_payload(d) for d in documents], "scoring": scoring,
+                                "truncate": truncate, "return_documents": False}
+        if top_n is not None:
+            body["top_n"] = top_n
+        payload = orjson.loads((await self.post(orjson.dumps(body), self._rerank_url)).content)
+        return [RerankHit(int(r["index"]), float(r["relevance_score"]), r.get("page")) for r in payload["results"]]
+
     async def aclose(self) -> None:
         if self._own_http:
             await self._http.aclose()
 
 
-def _item_payload(item: Item) -> dict[str, str]:
+def _item_payload(item: Item | PdfInput) -> dict[str, str]:
     if isinstance(item, TextInput):
         return {"text": item.text}
+    if isinstance(item, PdfInput):
+        pages = {"pages": item.pages} if isinstance(item.pages, str) else {}
+        return {"pdf": base64.b64encode(item.data).decode("ascii"), **pages}
     return {"image": base64.b64encode(item.data).decode("ascii")}
+
+
+async def _render(pdf: PdfInput, limits: LimitsConfig, index: int) -> RenderedPdf:
+    plan = await asyncio.to_thread(plan_pdf, pdf.data, pdf.pages, limits, index)
+    return await render_pdf(plan, limits)
 
 
 class EngineSender:
@@ -97,6 +128,24 @@ class EngineSender:
 
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return await self._engine.embed(items, options)
+
+    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions) -> EmbedResult:
+        """Pages rendered in-process at the config's ``render_dpi``, then embedded as images."""
+        rendered = await _render(pdf, self._engine.config.limits, 0)
+        return await self._engine.embed(list(rendered.images), options)
+
+    async def rerank(self, query: Item, documents: list[Item | PdfInput], *, task: str, scoring: Scoring,
+                     truncate: bool, top_n: int | None) -> list[RerankHit]:
+        """The same scoring as the router's /v1/rerank, in-process."""
+        limits = self._engine.config.limits
+        ready: list[Item | RenderedPdf] = []
+        for index, document in enumerate(documents):
+            try:
+                ready.append(await _render(document, limits, index) if isinstance(document, PdfInput) else document)
+            except Jv4Error as error:
+                raise rename_inputs(error, lambda i: f"documents[{i}]") from None
+        scores = await score_documents(self._engine, query, ready, task=task, scoring=scoring, truncate=truncate)
+        return [RerankHit(i, float(scores.scores[i]), scores.pages[i]) for i in ranking(scores.scores, top_n)]
 
     async def aclose(self) -> None:
         await self._engine.aclose()

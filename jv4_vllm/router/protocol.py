@@ -38,6 +38,9 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "MultiVectorItem",
+    "PageEmbedding",
+    "PagesItem",
+    "PdfObject",
     "TextObject",
     "UrlObject",
     "Usage",
@@ -47,7 +50,8 @@ __all__ = [
 DEFAULT_TASK = "text-matching"
 
 # Union member tags: they show up in validation error locations and are dropped from them.
-_TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object", "url-object", "bytes-object"})
+_TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object", "url-object", "bytes-object",
+                    "pdf-object"})
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -91,12 +95,22 @@ class BytesObject(_Schema):
         return value
 
 
+class PdfObject(_Schema):
+    pdf: StrictStr = Field(description="A PDF as base64, a data URI (data:application/pdf;base64,...) or, when "
+                                       "the server allows URLs, an http(s) URL. Each selected page is rendered "
+                                       "at limits.render_dpi and embedded as an image.")
+    pages: StrictStr | None = Field(
+        None, description='Pages to embed, 1-based: "1-3,7", "5-" (to the end), "-2"; default: every page.')
+
+
 # The key that names an object item's kind; an object with none or several of them is refused.
 _OBJECT_KINDS: dict[str, str] = {
     "text": "text-object", "image": "image-object", "url": "url-object", "bytes": "bytes-object",
+    "pdf": "pdf-object",
 }
 _MODEL_KINDS: dict[type[BaseModel], str] = {
     TextObject: "text-object", ImageObject: "image-object", UrlObject: "url-object", BytesObject: "bytes-object",
+    PdfObject: "pdf-object",
 }
 
 
@@ -118,10 +132,11 @@ InputItem = Annotated[
     | Annotated[TextObject, Tag("text-object")]
     | Annotated[ImageObject, Tag("image-object")]
     | Annotated[UrlObject, Tag("url-object")]
-    | Annotated[BytesObject, Tag("bytes-object")],
+    | Annotated[BytesObject, Tag("bytes-object")]
+    | Annotated[PdfObject, Tag("pdf-object")],
     Discriminator(_item_kind, custom_error_type="invalid_input",
                   custom_error_message='each input must be a string, {"text": ...}, {"image": ...}, '
-                                       '{"url": ...} or {"bytes": ...}'),
+                                       '{"url": ...}, {"bytes": ...} or {"pdf": ...}'),
 ]
 InputField = Annotated[
     Annotated[StrictStr, Tag("one-string")] | Annotated[list[InputItem], Tag("list"), Field(min_length=1)],
@@ -237,6 +252,23 @@ class MultiVectorItem(BaseModel):
         None, description="With return_dense: the input's single vector, as in an embedding item.")
 
 
+class PageEmbedding(BaseModel):
+    page: int = Field(description="1-based page number in the PDF.")
+    object: Literal["embedding", "embeddings"]
+    embedding: list[float] | str | list[int] | None = Field(None, description="Single vector of the page.")
+    embeddings: list[list[float]] | list[list[int]] | str | None = Field(
+        None, description="Multi-vector of the page (return_multivector), one row per token.")
+    shape: list[int] | None = Field(None, description="[rows, columns] of a base64 multi-vector.")
+
+
+class PagesItem(BaseModel):
+    """The answer to one {"pdf": ...} input: its selected pages in page order."""
+
+    object: Literal["pages"] = "pages"
+    index: int
+    pages: list[PageEmbedding]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     total_tokens: int
@@ -245,7 +277,7 @@ class Usage(BaseModel):
 class EmbeddingsResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
-    data: list[EmbeddingItem | MultiVectorItem]
+    data: list[EmbeddingItem | MultiVectorItem | PagesItem]
     usage: Usage
 
 
