@@ -33,7 +33,7 @@ class Projector:
         return int(self.bias.shape[0])
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        projected = rows @ self.weight_t
+        projected = rows.astype(np.float32, copy=False) @ self.weight_t
         projected += self.bias
         return l2_normalize(projected)
 
@@ -55,7 +55,8 @@ class SpanFold:
         self._lock = threading.Lock()
 
     def feed(self, position: int, rows: np.ndarray) -> None:
-        """Rows (float32 [n, H]) of positions ``position .. position + n``."""
+        """Rows ([n, H], float16 or float32) of positions ``position .. position + n``; sums accumulate
+        in float32 within a slab and float64 across slabs, projections run in float32."""
         end = position + rows.shape[0]
         partial: list[tuple[int, np.ndarray, int]] = []
         for k, (start, stop) in enumerate(self._single):
