@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -46,7 +47,7 @@ def counters(url: str) -> tuple[float, float]:
     return engine, http
 
 
-def calls_made(url: str, action) -> tuple[float, float]:  # noqa: ANN001 - a callable
+def calls_made(url: str, action: Callable[[], object]) -> tuple[float, float]:
     """Counter increase over ``action`` (at least the calls it made: other traffic only adds)."""
     before = counters(url)
     action()
@@ -61,7 +62,7 @@ def calls_made(url: str, action) -> tuple[float, float]:  # noqa: ANN001 - a cal
     return after[0] - before[0], after[1] - before[1]
 
 
-def fewest_calls(url: str, action, attempts: int = 5) -> tuple[float, float]:  # noqa: ANN001
+def fewest_calls(url: str, action: Callable[[], object], attempts: int = 5) -> tuple[float, float]:
     """The smallest increase over a few attempts: other users of the stack can only add to it."""
     return min(calls_made(url, action) for _ in range(attempts))
 

@@ -115,6 +115,15 @@ def test_llama_index_images_match_openai_sdk(router_url: str, openai_client: Ope
     assert cosines(got, want).min() >= PARITY
 
 
+def test_llama_index_late_chunking(router_url: str, openai_client: OpenAI) -> None:
+    """``JinaEmbedding(late_chunking=True)``: the hosted API's flag reaches the router's late chunking."""
+    embedding = llama_embedding(router_url, task="retrieval.passage", late_chunking=True)
+    got = np.array(embedding.get_text_embedding_batch(TEXTS), np.float32)
+    want = vectors(post(router_url, {"input": TEXTS, "task": "retrieval.passage", "late_chunking": True}))
+    assert cosines(got, want).min() >= PARITY
+    assert cosines(got, sdk_vectors(openai_client, TEXTS, task="retrieval.passage")).min() < 0.9999
+
+
 def test_llama_index_reads_error_messages(router_url: str) -> None:
     """Refusals reach the user as the client's RuntimeError with our message (it reads ``detail``)."""
     with pytest.raises(RuntimeError, match="dimensions=100 is not supported"):

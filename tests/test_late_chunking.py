@@ -6,6 +6,7 @@ into several tokens, punctuation and spaces tokenised as Qwen's pre-tokenizer do
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def check_windows(windows: list[tuple[int, int, int]], length: int, max_tokens: 
     assert kept == list(range(length))  # every position exactly once, in order
     assert all(0 < stop - start <= max_tokens for start, stop, _ in windows)
     assert windows[0][0] == 0 and windows[0][2] == 0
-    for (_, prev_stop, _), (start, _, keep) in zip(windows, windows[1:]):
+    for (_, prev_stop, _), (start, _, keep) in pairwise(windows):
         assert keep == overlap and start == prev_stop - overlap
 
 

@@ -7,8 +7,8 @@ shape for OpenAPI; :mod:`jv4_vllm.router.serving` reads inputs and renders respo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,11 +28,11 @@ from jv4_vllm.core.wire import EmbeddingType
 from jv4_vllm.errors import InvalidRequestError, ModelNotFoundError
 
 __all__ = [
+    "BytesObject",
     "EmbeddingItem",
     "EmbeddingsRequest",
     "EmbeddingsResponse",
     "ErrorDetail",
-    "BytesObject",
     "ErrorResponse",
     "ImageObject",
     "ModelCard",
