@@ -72,7 +72,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from jv4_vllm.oracle.verify import verify
-    return verify(_config(args), router_url=args.url)
+    return verify(_config(args), router_url=args.url, golden=args.golden, single_min=args.min_single,
+                  multi_min=args.min_multi)
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
@@ -122,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("verify", cmd_verify, "Compare the running service with the reference encoder, per probe.")
     _add(p, "--url", default=None, help="router URL (default: talk to the deployments directly)")
+    _add(p, "--golden", default=None, help="compare with this golden file (scripts/make_golden.py) "
+                                           "instead of the reference encoder")
+    _add(p, "--min-single", type=float, default=0.9999, help="lowest single-vector cosine that passes")
+    _add(p, "--min-multi", type=float, default=0.999, help="lowest multi-vector row cosine that passes")
 
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
     _add(p, "--out", required=True, help="output directory")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -40,5 +42,8 @@ def test_client_through_router(router_url, reference, tmp_path):
 def test_verify_passes_through_router(vllm_stack, router_url, capsys):
     assert verify(vllm_stack, router_url=router_url) == 0
     out = capsys.readouterr().out
-    assert "image:square-448" in out and "probes within" in out
-    assert " NO" not in out
+    passed, total = map(int, re.search(r"(\d+)/(\d+) probes within", out).groups())
+    assert passed == total >= 3 * (2 * 8 + 13)  # every task: both roles of every text, every image
+    for probe in ("over-length", "rgba-png", "grey16-png", "exif-rotated-jpeg", "pil-rgba"):
+        assert probe in out
+    assert "FAIL" not in out
