@@ -187,6 +187,14 @@ def test_bad_pdfs_are_400_naming_the_input(router_url, name, value, pages, param
         assert error["code"] == code, (name, error)
 
 
+def test_errors_after_a_pdf_name_the_input_not_the_page(router_url, pdf):
+    response = _post(router_url, ["fine", {"pdf": b64(pdf)}, "   "])  # the engine sees the blank as item 5
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input[2]", response.text
+    late = httpx.post(f"{router_url}/v1/embeddings", timeout=120,
+                      json={"input": ["a", {"pdf": b64(pdf), "pages": "2-3"}, "b"], "late_chunking": True})
+    assert late.status_code == 400 and late.json()["error"]["param"] == "input[1]", late.text
+
+
 def test_malformed_pdf_items_are_400(router_url):
     for item, param in [({"pdf": b64(make_pdf()), "pages": 3}, "input[0].pages"),
                         ({"pdf": 5}, "input[0].pdf"),

@@ -31,6 +31,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
 from jv4_vllm.config import LimitsConfig
+from jv4_vllm.core.image_rules import DEFAULT_MAX_IMAGE_PIXELS
 from jv4_vllm.core.images import fetch_image_url, read_image
 from jv4_vllm.core.types import ImageInput
 from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
@@ -59,9 +60,6 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _RANGE_RE = re.compile(r"^(\d*)\s*-\s*(\d*)$")
 _PASSWORD_ERRORS = {4, 6}  # FPDF_ERR_PASSWORD, FPDF_ERR_SECURITY
 _PDFIUM = threading.Lock()  # PDFium must never run in two threads at once
-# Pages are checked before they are drawn; with no configured pixel limit the image reader
-# still applies the model's own limit to the drawn page, and this caps what gets drawn at all.
-MAX_PAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +250,7 @@ def _page_pixels(width_pt: float, height_pt: float, dpi: float) -> tuple[int, in
 def plan_pdf(data: bytes, selection: PageSelection, limits: LimitsConfig, index: int) -> PdfPlan:
     """Open ``data``, select pages and check every limit; draws nothing (CPU-bound, blocking)."""
     _check_bytes(len(data), limits, index)
-    pixel_limit = limits.max_image_pixels or MAX_PAGE_PIXELS
+    pixel_limit = limits.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS  # checked before anything is drawn
     with _PDFIUM:
         document = _open(data, index)
         try:
