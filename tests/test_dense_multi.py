@@ -141,7 +141,7 @@ def test_openai_sdk_reads_a_both_response(router_url: str) -> None:
 
 def test_python_client_both_outputs(router_url: str, vllm_stack) -> None:
     from jv4_vllm import Client
-    from jv4_vllm.client.aio import DenseAndMulti
+    from jv4_vllm.client import DenseAndMulti
 
     texts = [TEXT, "x = 1", "print('hi')"]
     want_single = np.array([d["embedding"] for d in post(router_url, {"input": texts, "dimensions": DIM})["data"]])
