@@ -18,12 +18,12 @@ import pypdfium2
 import pytest
 from images_util import make_image, png_bytes
 from PIL import Image
+from vllm_stack import InProcessServer, free_port
 
 from jv4_vllm import Client
 from jv4_vllm.core.pdf import format_pages, parse_pages
 from jv4_vllm.errors import InvalidRequestError
 from jv4_vllm.router import create_app
-from vllm_stack import InProcessServer, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -73,12 +73,12 @@ def render_pages(data: bytes, dpi: float) -> list[Image.Image]:
         document.close()
 
 
-def cos(a, b) -> np.ndarray:  # noqa: ANN001
+def cos(a, b) -> np.ndarray:
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def embed(router_url: str, inputs: list, **fields) -> dict:  # noqa: ANN003
+def embed(router_url: str, inputs: list, **fields) -> dict:
     response = httpx.post(f"{router_url}/v1/embeddings", timeout=300,
                           json={"input": inputs, "task": "retrieval.passage", **fields})
     assert response.status_code == 200, response.text
@@ -91,7 +91,7 @@ def pdf() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def rendered(pdf: bytes, vllm_stack) -> list[Image.Image]:  # noqa: ANN001
+def rendered(pdf: bytes, vllm_stack) -> list[Image.Image]:
     return render_pages(pdf, vllm_stack.limits.render_dpi)
 
 
@@ -206,7 +206,7 @@ def test_malformed_pdf_items_are_400(router_url):
 
 
 @pytest.fixture(scope="module")
-async def tight_router(vllm_stack):  # noqa: ANN001
+async def tight_router(vllm_stack):
     """A router over the same deployments with small PDF limits."""
     limits = vllm_stack.limits.model_copy(update={"max_pdf_bytes": MAX_PDF_BYTES, "max_pdf_pages_per_request": 3})
     config = vllm_stack.model_copy(update={

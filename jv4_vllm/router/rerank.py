@@ -23,9 +23,19 @@ from starlette.responses import Response
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.pdf import RenderedPdf
-from jv4_vllm.core.scoring import DocumentScores, ranking, rename_inputs, score_documents
+from jv4_vllm.core.scoring import (
+    DocumentScores,
+    ranking,
+    rename_inputs,
+    score_documents,
+)
 from jv4_vllm.core.types import Item, parse_task
-from jv4_vllm.errors import InvalidRequestError, Jv4Error, ModelNotFoundError, PayloadTooLargeError
+from jv4_vllm.errors import (
+    InvalidRequestError,
+    Jv4Error,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+)
 from jv4_vllm.router.admission import until_disconnect
 from jv4_vllm.router.protocol import ErrorResponse, InputItem, PdfObject
 from jv4_vllm.router.serving import RequestItems, read_items
