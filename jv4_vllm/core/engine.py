@@ -63,6 +63,10 @@ class Engine:
         self.max_tokens = min(
             [config.vllm.max_model_len] + [r.spec.max_position_embeddings for r in runtimes.values()]
         )
+        overlap = config.backend.late_chunking_overlap
+        if overlap >= self.max_tokens:
+            raise ValueError(f"backend.late_chunking_overlap ({overlap}) must be smaller than the window of "
+                             f"{self.max_tokens} tokens (vllm.max_model_len)")
         self._planner = Planner(config, self.max_tokens)
 
     @classmethod
