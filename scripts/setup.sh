@@ -2,17 +2,19 @@
 # Create .venv and install jv4_vllm, its test tools and the vLLM backend.
 # Idempotent; works from nothing on a fresh machine (PyPI only).
 #   JV4_BACKEND=cpu|gpu|none   force the vLLM build (default: gpu if nvidia-smi works)
+#   PYTHON=/path/to/python3.X  the interpreter for a new .venv (default: scripts/find-python.sh picks one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3.11}
 UV_VERSION=0.13.8
 # The same vLLM release on both backends (and in the manifests' vllm/vllm-openai image tag):
 # the wire format and pooling behaviour the engine relies on were checked against it.
 VLLM_VERSION=0.32.0
 
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+  python=$(scripts/find-python.sh)
+  echo "creating .venv with $python ($("$python" --version 2>&1))"
+  "$python" -m venv .venv
 fi
 if ! .venv/bin/uv --version 2>/dev/null | grep -q "$UV_VERSION"; then
   .venv/bin/python -m pip install --quiet "uv==$UV_VERSION"
