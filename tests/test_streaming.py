@@ -174,3 +174,14 @@ async def test_calls_of_one_request_stay_within_its_grant() -> None:
     await asyncio.gather(*(call(4) for _ in range(6)), call(50))
     assert peak == 8  # two 4-token calls at once, never three (12 > 10)
     assert big_alone == [True]
+
+
+def test_an_overlap_as_long_as_the_window_is_refused_at_start() -> None:
+    from jv4_vllm.config import Config
+    from jv4_vllm.core.engine import Engine
+
+    config = Config.model_validate({"deployments": {"code": {"urls": ["http://127.0.0.1:1"]}},
+                                    "vllm": {"max_model_len": 512}, "backend": {"late_chunking_overlap": 512}})
+    with pytest.raises(ValueError, match="late_chunking_overlap"):
+        Engine(config, {})
+    Engine(config.model_copy(update={"backend": config.backend.model_copy(update={"late_chunking_overlap": 256})}), {})
