@@ -81,13 +81,13 @@ def _jina(model_id: str, device: str, max_length: int, workdir: Path) -> tuple[J
     return JinaOracle(model, max_length, workdir), tokenizer, meta
 
 
-def _ours(source: str, max_length: int) -> tuple[ReferenceOracle, Any, dict[str, Any]]:
+def _ours(source: str, max_length: int, overlap: int) -> tuple[ReferenceOracle, Any, dict[str, Any]]:
     from jv4_vllm.oracle.reference import ReferenceEncoder
 
     reference = ReferenceEncoder(source, max_length=max_length)
     meta = {"made_by": "jv4_vllm reference encoder", "model": str(source), "dtype": "float32",
-            "tasks": list(reference.task_names)}
-    return ReferenceOracle(reference), reference.processor.tokenizer, meta
+            "tasks": list(reference.task_names), "late_chunking_overlap": overlap}
+    return ReferenceOracle(reference, overlap=overlap), reference.processor.tokenizer, meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-encoder", metavar="DIR", default=None,
                         help="use this project's reference encoder on a local checkpoint instead")
     parser.add_argument("--tasks", nargs="*", default=None, help="tasks to encode (default: all)")
+    parser.add_argument("--late-chunking-overlap", type=int, default=256,
+                        help="the deployment's backend.late_chunking_overlap (reference encoder only: Jina's "
+                             "model code has no late chunking, so its golden files hold no late-chunking probes)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
         if args.reference_encoder:
-            oracle, tokenizer, meta = _ours(args.reference_encoder, args.max_length)
+            oracle, tokenizer, meta = _ours(args.reference_encoder, args.max_length, args.late_chunking_overlap)
         else:
             oracle, tokenizer, meta = _jina(args.model, args.device, args.max_length, Path(workdir))
         probes = build_probes(lambda text: len(tokenizer(text)["input_ids"]), args.max_length)

@@ -30,7 +30,7 @@ from PIL import Image
 from jv4_vllm.oracle.probes import Probes
 
 __all__ = ["FORMAT", "IMAGE_ROLE", "MAX_MULTI_ROWS", "ROLES", "Golden", "Oracle", "ReferenceOracle", "Vectors",
-           "expected_vectors", "open_pil", "read_golden", "sample_rows", "vectors", "write_golden"]
+           "chunk_name", "expected_vectors", "open_pil", "read_golden", "sample_rows", "vectors", "write_golden"]
 
 FORMAT = "jv4-golden/1"
 MAX_MULTI_ROWS = 512
@@ -106,6 +106,7 @@ def write_golden(path: str | Path, meta: dict[str, Any], probes: Probes, entries
             "truncated": sorted(probes.truncated),
             "images": {name: _b64(data) for name, data in probes.images.items()},
             "pil_images": {name: _b64(data) for name, data in probes.pil_images.items()},
+            "late_chunks": probes.late_chunks,
         },
         "vectors": [
             {"task": v.task, "role": v.role, "probe": v.probe, "single": _array(v.single, "float32"),
@@ -128,6 +129,7 @@ def read_golden(path: str | Path) -> Golden:
         texts=dict(p["texts"]), truncated=frozenset(p.get("truncated", [])),
         images={name: base64.b64decode(data) for name, data in p.get("images", {}).items()},
         pil_images={name: base64.b64decode(data) for name, data in p.get("pil_images", {}).items()},
+        late_chunks={name: list(chunks) for name, chunks in p.get("late_chunks", {}).items()},
     )
     entries = []
     for position, v in enumerate(raw["vectors"]):
@@ -150,6 +152,14 @@ class Oracle(Protocol):
     def image_files(self, files: list[bytes], task: str, multivector: bool) -> list[np.ndarray]: ...
 
     def pil(self, images: list[Image.Image], task: str, multivector: bool) -> list[np.ndarray]: ...
+
+    # Optional: ``late_chunks(chunks, task, role, multivector)``, one result per chunk, for
+    # oracles that can late-chunk (Jina's model code cannot; the hosted API does).
+
+
+def chunk_name(document: str, index: int) -> str:
+    """The probe name of one chunk of a late-chunking document."""
+    return f"{document}[{index}]"
 
 
 def open_pil(data: bytes) -> Image.Image:
@@ -176,16 +186,33 @@ def expected_vectors(oracle: Oracle, probes: Probes, tasks: Sequence[str]) -> li
             images = [open_pil(probes.pil_images[n]) for n in pils]
             singles, multis = oracle.pil(images, task, False), oracle.pil(images, task, True)
             out += [vectors(task, IMAGE_ROLE, n, s, m) for n, s, m in zip(pils, singles, multis)]
+        late = getattr(oracle, "late_chunks", None)
+        for role in ROLES if late is not None else ():
+            for document, chunks in probes.late_chunks.items():
+                singles, multis = late(chunks, task, role, False), late(chunks, task, role, True)
+                out += [vectors(task, role, chunk_name(document, i), s, m)
+                        for i, (s, m) in enumerate(zip(singles, multis))]
     return out
 
 
 class ReferenceOracle:
     """Our transformers reference encoder as an :class:`Oracle`; ``white`` gives it files the
-    way ``image_alpha: white`` serves them (opened, then converted as a PIL image)."""
+    way ``image_alpha: white`` serves them (opened, then converted as a PIL image);
+    ``overlap`` is the deployment's long late-chunking overlap."""
 
-    def __init__(self, reference: Any, white: bool = False) -> None:
+    def __init__(self, reference: Any, white: bool = False, overlap: int = 256) -> None:
         self.reference = reference
         self.white = white
+        self.overlap = overlap
+
+    def late_chunks(self, chunks: list[str], task: str, role: str, multivector: bool) -> list[np.ndarray]:
+        from jv4_vllm.oracle.late_chunking import reference_late_chunking
+
+        late = reference_late_chunking(self.reference, chunks, task, role, max_tokens=self.reference.max_length,
+                                       overlap=self.overlap)
+        if not multivector:
+            return list(late.single_vectors())
+        return [self.reference._multivector(late.rows_of(i), task) for i in range(len(chunks))]
 
     def text(self, texts: list[str], task: str, role: str, multivector: bool) -> list[np.ndarray]:
         return list(self.reference.encode_text(texts, task=task, prompt_name=role, return_multivector=multivector))

@@ -1,7 +1,8 @@
 """The probe set ``verify`` and the golden files use: what users actually send.
 
 Texts in several languages, from a few tokens to as long as the deployment allows, and one
-over that length sent with ``truncate``; image files of every kind that loads differently
+over that length sent with ``truncate``; documents split into chunks for late chunking (one
+within the window, one longer than it: windowed); image files of every kind that loads differently
 (transparency, grey levels, palettes, CMYK, 16-bit, EXIF orientation, animation), and one
 PIL image with transparency (the Python client's other rule). Everything is generated
 deterministically, so a golden file made elsewhere names the same inputs.
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-__all__ = ["LONG_TOKENS", "Probes", "build_probes", "image_files", "long_text", "pil_probes"]
+__all__ = ["LONG_TOKENS", "Probes", "build_probes", "chunked", "image_files", "long_text", "pil_probes"]
 
 LONG_TOKENS = 4096  # "several thousand tokens": the long probe, when the deployment allows it
+LATE_CHUNKS = 8  # chunks of each late-chunking document
 MARGIN_TOKENS = 16  # room for the longest role prefix
 OVER_TOKENS = 256  # how far the truncated probe runs past the deployment's limit
 
@@ -39,12 +41,14 @@ _WORDS = ("retrieval embedding document passage vector model token image query i
 
 @dataclass(frozen=True)
 class Probes:
-    """Inputs by name: texts (some sent with truncate), image files, PIL images (as PNG files)."""
+    """Inputs by name: texts (some sent with truncate), late-chunking documents (their chunks),
+    image files, PIL images (as PNG files)."""
 
     texts: dict[str, str]
     truncated: frozenset[str] = frozenset()
     images: dict[str, bytes] = field(default_factory=dict)
     pil_images: dict[str, bytes] = field(default_factory=dict)
+    late_chunks: dict[str, list[str]] = field(default_factory=dict)
 
 
 def long_text(count_tokens: Callable[[str], int], tokens: int, seed: int = 0) -> str:
@@ -75,8 +79,17 @@ def build_probes(count_tokens: Callable[[str], int], max_tokens: int) -> Probes:
     if room > LONG_TOKENS:
         texts["full-length"] = long_text(count_tokens, room, seed=2)
     texts["over-length"] = long_text(count_tokens, max_tokens + OVER_TOKENS, seed=3)
+    late = {"late-chunks": chunked(long_text(count_tokens, min(1024, room // 2), seed=4)),
+            "late-chunks-windowed": chunked(long_text(count_tokens, max_tokens * 3 // 2, seed=5))}
     return Probes(texts=texts, truncated=frozenset({"over-length"}), images=image_files(),
-                  pil_images=pil_probes())
+                  pil_images=pil_probes(), late_chunks=late)
+
+
+def chunked(text: str, chunks: int = LATE_CHUNKS) -> list[str]:
+    """``text`` cut at sentence ends into about ``chunks`` chunks (the way a splitter would)."""
+    sentences = [s if s.endswith(".") else s + "." for s in text.rstrip(".").split(". ")]
+    size = -(-len(sentences) // chunks)
+    return [" ".join(sentences[i:i + size]) for i in range(0, len(sentences), size)]
 
 
 # ---- images ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The probes (:mod:`jv4_vllm.oracle.probes`) go through the service, every task in both
 roles: texts from a few tokens to the deployment's full length plus one cut by
-``truncate``, image files of every kind as users upload them (sent untouched, so the
+``truncate``, documents embedded with late chunking (within one window, and windowed), image files of every kind as users upload them (sent untouched, so the
 service's own image rules are what is checked), and a PIL image through the Python client.
 The expected vectors come from the reference encoder on the UNMERGED source checkpoint, or
 from a golden file (``--golden``, made by ``scripts/make_golden.py`` with Jina's own code).
@@ -35,6 +35,7 @@ from jv4_vllm.oracle.golden import (
     Golden,
     ReferenceOracle,
     Vectors,
+    chunk_name,
     expected_vectors,
     open_pil,
     read_golden,
@@ -79,6 +80,12 @@ async def _file(client: AsyncClient, http: httpx.AsyncClient | None, model: str,
             await _post_files(http, model, [data], full_task, True))
 
 
+async def _late(client: AsyncClient, chunks: list[str], task: str, role: str) -> Pair:
+    single = await client.encode_text(chunks, task=task, prompt_name=role, late_chunking=True)
+    multi = await client.encode_text(chunks, task=task, prompt_name=role, late_chunking=True, return_multivector=True)
+    return list(single), list(multi)
+
+
 async def _pil_image(client: AsyncClient, data: bytes, task: str) -> Pair:
     return ([await client.encode_image(open_pil(data), task=task)],
             [await client.encode_image(open_pil(data), task=task, return_multivector=True)])
@@ -114,6 +121,10 @@ async def service_vectors(client: AsyncClient, probes: Probes, tasks: Sequence[s
             await attempt([(task, IMAGE_ROLE, name)], _file(client, http, model, data, task))
         for name, data in probes.pil_images.items():
             await attempt([(task, IMAGE_ROLE, name)], _pil_image(client, data, task))
+        for role in ROLES:
+            for document, chunks in probes.late_chunks.items():
+                keys = [(task, role, chunk_name(document, i)) for i in range(len(chunks))]
+                await attempt(keys, _late(client, chunks, task, role))
     return out, errors
 
 
@@ -173,9 +184,9 @@ def compare(got: list[Vectors], want: list[Vectors], single_min: float = SINGLE_
 
 
 def print_table(results: list[ProbeResult], single_min: float, multi_min: float) -> None:
-    print(f"{'task':<14} {'role':<8} {'probe':<22} {'tokens':>6} {'single cos':>11} {'multi min row':>14}  result")
+    print(f"{'task':<14} {'role':<8} {'probe':<26} {'tokens':>6} {'single cos':>11} {'multi min row':>14}  result")
     for r in results:
-        print(f"{r.task:<14} {r.role or '-':<8} {r.probe:<22} {r.tokens:>6} {r.single:>11.6f} {r.multi:>14.6f}  "
+        print(f"{r.task:<14} {r.role or '-':<8} {r.probe:<26} {r.tokens:>6} {r.single:>11.6f} {r.multi:>14.6f}  "
               f"{'ok' if r.ok else 'FAIL: ' + r.problem}")
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)}/{len(results)} probes within single >= {single_min}, "
@@ -212,6 +223,10 @@ async def _verify(config: Config, router_url: str | None, golden_path: str | Pat
             print(f"note: the golden file keeps {golden.max_length} text tokens, this deployment {max_tokens}: "
                   "the full-length and truncated probes cannot match; make the golden with "
                   f"--max-length {max_tokens}")
+        overlap = golden.meta.get("late_chunking_overlap")
+        if overlap is not None and overlap != config.backend.late_chunking_overlap:
+            print(f"note: the golden file's late chunking overlaps windows by {overlap} tokens, this deployment "
+                  f"by {config.backend.late_chunking_overlap}: the windowed late-chunking probe cannot match")
         probes, want_for = golden.probes, (lambda tasks: [v for v in golden.vectors if v.task in tasks])
         print(f"golden file {golden_path}: {golden.meta.get('made_by', '?')}, {len(golden.vectors)} vectors")
     else:
@@ -222,7 +237,8 @@ async def _verify(config: Config, router_url: str | None, golden_path: str | Pat
         reference = ReferenceEncoder(config.source, max_length=max_tokens)
         tokenizer = reference.processor.tokenizer
         probes = build_probes(lambda text: len(tokenizer(text)["input_ids"]), max_tokens)
-        oracle = ReferenceOracle(reference, white=config.limits.image_alpha == "white")
+        oracle = ReferenceOracle(reference, white=config.limits.image_alpha == "white",
+                                 overlap=config.backend.late_chunking_overlap)
         want_for = lambda tasks: expected_vectors(oracle, probes, tasks)
     key = _api_key(config)
     client = (AsyncClient(router_url, api_key=key, model=config.model_name, timeout=600) if router_url
