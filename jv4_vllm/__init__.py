@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
         OverloadedError,
         PayloadTooLargeError,
+        ServiceUnreachableError,
     )
 
 _EXPORTS = {
@@ -37,7 +38,7 @@ _EXPORTS = {
     **{name: "jv4_vllm.errors" for name in (
         "AuthenticationError", "BackendError", "BackendTimeoutError", "BackendUnavailableError",
         "InputTooLongError", "InvalidRequestError", "Jv4Error", "ModelNotFoundError", "OverloadedError",
-        "PayloadTooLargeError")},
+        "PayloadTooLargeError", "ServiceUnreachableError")},
 }
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ModelNotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "ServiceUnreachableError",
     "__version__",
     "load_config",
     "maxsim",

@@ -7,16 +7,23 @@
     ├── ModelNotFoundError        404 code=model_not_found
     ├── PayloadTooLargeError      413 invalid_request_error
     ├── OverloadedError           429 rate_limit_error (Retry-After)
-    ├── BackendError              502 backend_error (a vLLM replica answered badly)
+    ├── BackendError              502 backend_error (a vLLM replica, or for the client the service, answered badly)
     ├── BackendUnavailableError   503 service_unavailable (Retry-After)
-    └── BackendTimeoutError       504 timeout
+    │   └── ServiceUnreachableError   client side: no HTTP answer at all (refused, reset, DNS, TLS)
+    └── BackendTimeoutError       504 timeout (client side too: no answer within the client's timeout)
 
 The router renders any of these as ``{"error": {message, type, param, code}, "detail"}``; the
-client turns such a body back into the same class with :func:`error_from_body`.
+client turns such a body back into the same class with :func:`error_from_body`, and any other
+answer (an HTML page from a proxy, plain text) with :func:`error_from_response`, so a caller
+catches one tree whatever failed.
 """
 
 from __future__ import annotations
 
+import email.utils
+import json
+import math
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 __all__ = [
@@ -30,7 +37,10 @@ __all__ = [
     "ModelNotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "ServiceUnreachableError",
     "error_from_body",
+    "error_from_response",
+    "retry_after_seconds",
 ]
 
 
@@ -103,6 +113,12 @@ class BackendUnavailableError(Jv4Error):
     default_code = "no_healthy_backend"
 
 
+class ServiceUnreachableError(BackendUnavailableError):
+    """Raised by the client only: the service gave no HTTP answer (the connection failed or broke)."""
+
+    default_code = "service_unreachable"
+
+
 class BackendTimeoutError(Jv4Error):
     status = 504
     type = "timeout"
@@ -134,3 +150,30 @@ def error_from_body(status: int, body: Any, retry_after: float | None = None) ->
     cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status) or (
         InvalidRequestError if 400 <= status < 500 else Jv4Error)
     return cls(str(error.get("message", "")), param=error.get("param"), code=code, retry_after=retry_after)
+
+
+def error_from_response(status: int, content: bytes, retry_after: str | None = None) -> Jv4Error:
+    """The exception for any HTTP error answer: our JSON body, another JSON, or text and HTML."""
+    try:
+        body: Any = json.loads(content) if content else f"HTTP {status}"
+    except ValueError:  # not JSON, or not UTF-8
+        text = " ".join(content[:500].decode("utf-8", "replace").split())
+        body = f"HTTP {status}: {text}"
+    return error_from_body(status, body, retry_after_seconds(retry_after))
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header as seconds from now: delta-seconds or an HTTP date; None when unreadable."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None

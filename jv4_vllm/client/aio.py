@@ -17,13 +17,22 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from jv4_vllm.client.fetch import fetch_own_url, is_http_url
 from jv4_vllm.client.senders import EngineSender, RouterSender
 from jv4_vllm.config import Config, LimitsConfig, load_config
 from jv4_vllm.core.engine import Engine
+from jv4_vllm.core.image_rules import model_image_limits
 from jv4_vllm.core.images import ImageSource, load_image
-from jv4_vllm.core.pdf import PageSelection, PdfInput, PdfSource, format_pages, load_pdf
+from jv4_vllm.core.pdf import (
+    PageSelection,
+    PdfInput,
+    PdfPlan,
+    PdfSource,
+    format_pages,
+    load_pdf,
+)
 from jv4_vllm.core.scoring import RerankHit, Scoring, rename_inputs
-from jv4_vllm.core.types import EmbedOptions, Item, TextInput, parse_task
+from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, TextInput, parse_task
 from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
 __all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit"]
@@ -62,7 +71,8 @@ class AsyncClient:
             raise ValueError("give the router URL, or use AsyncClient.direct(config)")
         self._sender = _sender or RouterSender(url, api_key, model, timeout)  # type: ignore[arg-type]
         self._max_concurrency = max_concurrency
-        # The caller's own files and URLs: paths and URLs are allowed, size and pixel caps still apply.
+        # The caller's own files and URLs: paths are read and http(s) URLs fetched for the caller
+        # (client/fetch.py: no server-side address guard); size and pixel caps still apply.
         self._image_limits = LimitsConfig(allow_image_urls=True)
 
     @classmethod
@@ -70,7 +80,7 @@ class AsyncClient:
         """Embed in-process through the deployments listed in ``config`` (no router)."""
         cfg = config if isinstance(config, Config) else load_config(config)
         client = cls(_sender=EngineSender(await Engine.start(cfg)), max_concurrency=max_concurrency)
-        client._image_limits = cfg.limits.model_copy(update={"allow_image_urls": True})
+        client._image_limits = model_image_limits(cfg).model_copy(update={"allow_image_urls": True})
         return client
 
     async def aclose(self) -> None:
@@ -116,8 +126,7 @@ class AsyncClient:
         single = not isinstance(images, (list, tuple))
         values = [images] if single else list(images)
         options = _options(task, "query", truncate_dim, return_multivector, False, return_dense=return_dense)
-        items: list[Item] = [await load_image(value, self._image_limits, index, allow_paths=True)
-                             for index, value in enumerate(values)]
+        items: list[Item] = [await self._image(value, index) for index, value in enumerate(values)]
         result = await self._run(items, options, batch_size, show_progress)
         if isinstance(result, DenseAndMulti):
             return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
@@ -136,7 +145,7 @@ class AsyncClient:
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
         options = _options(task, "query", truncate_dim, return_multivector, False)
-        plan = await load_pdf(pdf, pages, self._pdf_limits(), 0, allow_paths=True)
+        plan = await self._pdf(pdf, pages, 0)
         chunks = [plan.pages[i:i + batch_size] for i in range(0, len(plan.pages), batch_size)]
         show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
         gate = asyncio.Semaphore(self._max_concurrency)
@@ -182,6 +191,22 @@ class AsyncClient:
     def _pdf_limits(self) -> LimitsConfig:
         return self._image_limits.model_copy(update={"max_pdf_pages_per_request": UNLIMITED_PAGES})
 
+    async def _image(self, value: ImageSource, index: int) -> ImageInput:
+        """The caller's image; its http(s) URL is fetched here, for the caller (see client/fetch.py)."""
+        limits = self._image_limits
+        if is_http_url(value):
+            value = await fetch_own_url(value, max_bytes=limits.max_image_bytes,  # type: ignore[arg-type]
+                                        timeout_s=limits.image_url_timeout_s, index=index)
+        return await load_image(value, limits, index, allow_paths=True)
+
+    async def _pdf(self, value: PdfSource, pages: PageSelection, index: int) -> PdfPlan:
+        """The caller's PDF, read and planned; its http(s) URL is fetched here, for the caller."""
+        limits = self._pdf_limits()
+        if is_http_url(value):
+            value = await fetch_own_url(value, max_bytes=limits.max_pdf_bytes,  # type: ignore[arg-type]
+                                        timeout_s=limits.image_url_timeout_s, index=index, what="PDF")
+        return await load_pdf(value, pages, limits, index, allow_paths=True)
+
     async def _rerank_item(self, value: Any, index: int, name: Callable[[int], str]) -> Item | PdfInput:
         """A rerank query or document as an item; a PDF is read and checked, not rendered."""
         kind, source, pages = "text", value, None
@@ -196,9 +221,9 @@ class AsyncClient:
             if kind == "text" and isinstance(source, str):
                 return TextInput(source)
             if kind == "image":
-                return await load_image(source, self._image_limits, index, allow_paths=True)
+                return await self._image(source, index)
             if kind == "pdf":
-                plan = await load_pdf(source, pages, self._pdf_limits(), index, allow_paths=True)
+                plan = await self._pdf(source, pages, index)
                 return PdfInput(plan.data, format_pages(plan.pages))
         except Jv4Error as error:
             raise rename_inputs(error, name) from None
@@ -207,6 +232,8 @@ class AsyncClient:
 
     async def _run(self, items: list[Item], options: EmbedOptions, batch_size: int,
                    show_progress: bool | None) -> Embeddings | DenseAndMulti:
+        if not items:  # as the router says it: an empty batch has no [0, d] shape to return
+            raise InvalidRequestError("input is empty; send at least one text or image", param="input")
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
         chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

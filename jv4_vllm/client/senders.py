@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import httpx
 import orjson
@@ -16,14 +16,27 @@ import orjson
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.pdf import PdfInput, RenderedPdf, plan_pdf, render_pdf
-from jv4_vllm.core.scoring import RerankHit, Scoring, ranking, rename_inputs, score_documents
+from jv4_vllm.core.scoring import (
+    RerankHit,
+    Scoring,
+    ranking,
+    rename_inputs,
+    score_documents,
+)
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import decode_embedding_item
-from jv4_vllm.errors import Jv4Error, error_from_body
+from jv4_vllm.errors import (
+    BackendError,
+    BackendTimeoutError,
+    Jv4Error,
+    ServiceUnreachableError,
+    error_from_response,
+)
 
 __all__ = ["EngineSender", "RouterSender", "Sender"]
 
 Sender = Callable[[list[Item], EmbedOptions], Awaitable[EmbedResult]]
+T = TypeVar("T")
 EMBEDDINGS_PATH = "/v1/embeddings"
 RERANK_PATH = "/v1/rerank"
 _JSON = {"content-type": "application/json"}
@@ -64,33 +77,37 @@ class RouterSender:
         return orjson.dumps(body)
 
     async def post(self, body: bytes, url: str | None = None) -> httpx.Response:
-        """POST one body (to /v1/embeddings unless ``url``); an error answer raises the class the router rendered."""
-        response = await self._http.post(url or self._url, content=body, headers=self._headers)
-        if response.status_code >= 400:
-            payload = response.json() if response.content else {}
-            retry = response.headers.get("retry-after")
-            raise error_from_body(response.status_code, payload, float(retry) if retry else None)
+        """POST one body (to /v1/embeddings unless ``url``); any failure raises a :mod:`jv4_vllm.errors` class.
+
+        An error answer raises the class the router rendered (or, for a proxy's page, the one
+        its status means); no answer in time is a BackendTimeoutError; no answer at all
+        (refused, reset, DNS, TLS) is a ServiceUnreachableError.
+        """
+        target = url or self._url
+        try:
+            response = await self._http.post(target, content=body, headers=self._headers)
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+            raise BackendTimeoutError(f"{target} did not answer in time ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise ServiceUnreachableError(f"cannot reach {target}: {type(exc).__name__}: {exc}") from exc
+        if not response.is_success:
+            raise error_from_response(response.status_code, response.content, response.headers.get("retry-after"))
         return response
 
     @staticmethod
     def result(response: httpx.Response) -> EmbedResult:
         """The embeddings of a successful answer, in input order."""
-        payload = orjson.loads(response.content)
-        data = sorted(payload["data"], key=lambda e: e["index"])
-        tokens = int(payload.get("usage", {}).get("prompt_tokens", 0))
-        if data and "embeddings" in data[0] and "embedding" in data[0]:  # return_dense: both outputs
-            return EmbedResult(embeddings=[decode_embedding_item({"embedding": e["embedding"]}) for e in data],
-                               multivectors=[decode_embedding_item(e) for e in data], prompt_tokens=tokens)
-        return EmbedResult(embeddings=[decode_embedding_item(entry) for entry in data], prompt_tokens=tokens)
+        return parse_answer(response, _embed_result)
 
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return self.result(await self.post(self.body(items, options)))
 
     async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions) -> EmbedResult:
         """The vectors of one PDF's selected pages, in page order (the router renders them)."""
-        payload = orjson.loads((await self.post(self.body([pdf], options))).content)  # type: ignore[list-item]
-        return EmbedResult(embeddings=[decode_embedding_item(page) for page in payload["data"][0]["pages"]],
-                           prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0)))
+        response = await self.post(self.body([pdf], options))  # type: ignore[list-item]
+        return parse_answer(response, lambda payload: EmbedResult(
+            embeddings=[decode_embedding_item(page) for page in payload["data"][0]["pages"]],
+            prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0))))
 
     async def rerank(self, query: Item, documents: list[Item | PdfInput], *, task: str, scoring: Scoring,
                      truncate: bool, top_n: int | None) -> list[RerankHit]:
@@ -100,12 +117,32 @@ class RouterSender:
                                 "truncate": truncate, "return_documents": False}
         if top_n is not None:
             body["top_n"] = top_n
-        payload = orjson.loads((await self.post(orjson.dumps(body), self._rerank_url)).content)
-        return [RerankHit(int(r["index"]), float(r["relevance_score"]), r.get("page")) for r in payload["results"]]
+        response = await self.post(orjson.dumps(body), self._rerank_url)
+        return parse_answer(response, lambda payload: [
+            RerankHit(int(r["index"]), float(r["relevance_score"]), r.get("page")) for r in payload["results"]])
 
     async def aclose(self) -> None:
         if self._own_http:
             await self._http.aclose()
+
+
+def _embed_result(payload: Any) -> EmbedResult:
+    data = sorted(payload["data"], key=lambda e: e["index"])
+    tokens = int(payload.get("usage", {}).get("prompt_tokens", 0))
+    if data and "embeddings" in data[0] and "embedding" in data[0]:  # return_dense: both outputs
+        return EmbedResult(embeddings=[decode_embedding_item({"embedding": e["embedding"]}) for e in data],
+                           multivectors=[decode_embedding_item(e) for e in data], prompt_tokens=tokens)
+    return EmbedResult(embeddings=[decode_embedding_item(entry) for entry in data], prompt_tokens=tokens)
+
+
+def parse_answer(response: httpx.Response, build: Callable[[Any], T]) -> T:
+    """``build`` applied to a successful answer's JSON; an answer without what it should hold is a BackendError."""
+    try:
+        return build(orjson.loads(response.content))
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        start = " ".join(response.content[:200].decode("utf-8", "replace").split())
+        raise BackendError(f"{response.url} answered {response.status_code} without the expected body "
+                           f"({type(exc).__name__}): {start}") from None
 
 
 def _item_payload(item: Item | PdfInput) -> dict[str, str]:
