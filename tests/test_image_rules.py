@@ -221,3 +221,10 @@ def test_mm_processor_overrides_are_read_in_both_spellings() -> None:
 def test_without_a_model_the_bomb_guard_applies() -> None:
     with pytest.raises(Exception, match="the limit is 40000000"):
         read_image(Image.new("RGB", (8000, 5001)), LIMITS, 0)
+
+
+def test_the_router_and_the_direct_client_read_images_with_the_models_limit(tmp_path: Path) -> None:
+    from jv4_vllm.router.app import create_app
+
+    config = _prepared(tmp_path, {"retrieval": {"min_pixels": 3136, "max_pixels": 200704}})
+    assert create_app(config).state.config.limits.max_image_pixels == PIXEL_HEADROOM * 200704

@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
+from jv4_vllm.core.image_rules import model_image_limits
 from jv4_vllm.router.admission import AdmissionMiddleware, until_disconnect
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import install_error_handler
@@ -128,7 +129,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="jv4_vllm router", version=__version__, lifespan=lifespan,
                   description="jina-embeddings-v4 on vLLM: OpenAI- and Jina-compatible embeddings, "
                               "every task adapter, text and images, single and multi-vector.")
-    app.state.config = config
+    app.state.config = config.model_copy(update={"limits": model_image_limits(config)})  # pixels follow the model
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
     install_error_handler(app)
