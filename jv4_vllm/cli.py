@@ -27,6 +27,12 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> None:
     parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
 
 
+def _names(values: list[str] | str | None) -> list[str] | None:
+    """Names given as separate arguments, or in one string separated by spaces or commas (JV4_TASKS)."""
+    parts = [values] if isinstance(values, str) else values or []
+    return [name for part in parts for name in part.replace(",", " ").split()] or None
+
+
 def _config(args: argparse.Namespace):
     from jv4_vllm.config import load_config
     return load_config(args.config)
@@ -41,7 +47,7 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from jv4_vllm.checkpoint.prepare import prepare
-    written = prepare(args.source, Path(args.out), tasks=args.tasks or None)
+    written = prepare(args.source, Path(args.out), tasks=_names(args.tasks))
     for task, path in written.items():
         print(f"{task}: {path}")
     return 0
@@ -90,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jv4-vllm", description="Serve jina-embeddings-v4 on vLLM.")
-    parser.add_argument("--log-level", default=_env("log-level", "INFO"))
+    _add(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
@@ -109,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("prepare", cmd_prepare, "Merge each task's LoRA into its own vLLM-ready checkpoint.", False)
     _add(p, "--source", required=True, help="jina-embeddings-v4 directory or Hugging Face id")
     _add(p, "--out", required=True, help="output directory (one subdirectory per task)")
-    p.add_argument("--tasks", nargs="*", help="tasks to prepare (default: all)")
+    _add(p, "--tasks", nargs="*", default=None, help="tasks to prepare, by spaces or commas (default: all)")
 
     p = command("serve-adapter", cmd_serve_adapter, "Run the vLLM server of one task (prints the command first).")
     _add(p, "--task", required=True, help="retrieval, text-matching or code")

@@ -7,7 +7,7 @@
     ├── ModelNotFoundError        404 code=model_not_found
     ├── PayloadTooLargeError      413 invalid_request_error
     ├── OverloadedError           429 rate_limit_error (Retry-After)
-    ├── BackendError              502 backend_error (a vLLM replica, or for the client the service, answered badly)
+    ├── BackendError              502 backend_error (a vLLM replica, or to the client the service, failed)
     ├── BackendUnavailableError   503 service_unavailable (Retry-After)
     │   └── ServiceUnreachableError   client side: no HTTP answer at all (refused, reset, DNS, TLS)
     └── BackendTimeoutError       504 timeout (client side too: no answer within the client's timeout)

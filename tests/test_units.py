@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import subprocess
@@ -147,3 +148,39 @@ def test_serving_imports_leave_out_torch_and_dev_tools(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
     assert report == {"loaded": [], "has_module": True}, done.stderr
+
+
+def _cli_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], argparse.Action]:
+    """Every flag of ``jv4-vllm`` and of its commands (``bench`` parses its own: a development tool)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {("", a.option_strings[-1]): a for a in parser._actions if a.option_strings and a.dest != "help"}
+    for name, command in commands.items():
+        if name != "bench":
+            flags |= {(name, a.option_strings[-1]): a for a in command._actions
+                      if a.option_strings and a.dest != "help"}
+    return flags
+
+
+def test_every_cli_flag_takes_its_default_from_an_environment_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jv4_vllm import cli
+
+    flags = _cli_flags(cli._parser())
+    assert {("", "--log-level"), ("prepare", "--tasks"), ("router", "--config")} <= set(flags)
+    for (command, flag), action in flags.items():
+        value = str(action.choices[0]) if action.choices else "3" if action.type in (int, float) else "from-env"
+        twin = "JV4_" + flag.lstrip("-").upper().replace("-", "_")
+        monkeypatch.setenv(twin, value)
+        again = _cli_flags(cli._parser())[(command, flag)]
+        monkeypatch.delenv(twin)
+        assert again.default == (action.type or str)(value) and not again.required, (command, flag, twin)
+
+
+def test_prepare_tasks_by_flag_or_by_jv4_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jv4_vllm import cli
+
+    base = ["prepare", "--source", "src", "--out", "out"]
+    assert cli._names(cli._parser().parse_args(base).tasks) is None  # all tasks
+    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code", "retrieval"]).tasks) == ["code", "retrieval"]
+    monkeypatch.setenv("JV4_TASKS", "retrieval, text-matching code")
+    assert cli._names(cli._parser().parse_args(base).tasks) == ["retrieval", "text-matching", "code"]
+    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code,retrieval"]).tasks) == ["code", "retrieval"]
