@@ -1,9 +1,12 @@
 """Bytes in and out: decode vLLM ``/pooling`` responses, encode our embeddings.
 
 Router <-> vLLM traffic is ``encoding_format: bytes`` (raw little-endian fp16/bf16 body
-plus a ``metadata`` JSON header); decoding is ``np.frombuffer`` views, no copies and no
-per-float Python. Outputs follow the OpenAI SDK (base64 = little-endian float32) and the
-Jina API (binary = packed sign bits as int8, ubinary as uint8).
+plus a ``metadata`` JSON header), decoded without per-float Python: fp16 and fp32 rows are
+``np.frombuffer`` views of the body (no copy); bf16 rows are widened to float32 by one
+integer shift, which makes one float32 copy (pooling works in float32 anyway). The JSON
+and base64 forms (slow paths, kept for tests and the benchmark) copy. Outputs follow the
+OpenAI SDK (base64 = little-endian float32) and the Jina API (binary = packed sign bits as
+int8, ubinary as uint8).
 """
 
 from __future__ import annotations
