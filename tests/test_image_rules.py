@@ -22,11 +22,11 @@ from jv4_vllm.config import Config, LimitsConfig
 from jv4_vllm.core.image_rules import (
     DEFAULT_MAX_IMAGE_PIXELS,
     PIXEL_HEADROOM,
-    ImageGeometry,
     mm_processor_overrides,
     model_image_limits,
 )
 from jv4_vllm.core.images import decode_image, read_image
+from jv4_vllm.core.spec import ImageGeometry
 from jv4_vllm.errors import InvalidRequestError
 from jv4_vllm.oracle.probes import image_files, pil_probes, transparent_png
 from jv4_vllm.oracle.upstream_images import load_reference_image
@@ -171,14 +171,14 @@ def test_a_png_with_exif_after_its_pixels_is_converted() -> None:
 # --- geometry: the size the processor keeps --------------------------------------------------
 
 @pytest.mark.parametrize("size", [(1, 1), (56, 56), (64, 48), (448, 448), (100, 300), (1000, 20), (4000, 3000),
-                                  (27, 29), (3000, 15)])
+                                  (27, 29), (3000, 15), (397, 8), (10, 1500), (300, 2)])
 def test_image_tokens_match_the_processor(size: tuple[int, int]) -> None:
     transformers = pytest.importorskip("transformers")
-    geometry = ImageGeometry(min_pixels=3136, max_pixels=200704)
+    geometry = ImageGeometry(min_pixels=3136, max_pixels=200704)  # the engine's token count for admission
     processor = transformers.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=200704, patch_size=14, merge_size=2)
     out = processor(images=[Image.new("RGB", size, (90, 120, 200))], return_tensors="np")
     t, h, w = out["image_grid_thw"][0]
-    assert geometry.image_tokens(*size) == t * h * w // 4
+    assert geometry.tokens(*size) == t * h * w // 4
     assert geometry.resized(*size) == (w * 14, h * 14)
 
 

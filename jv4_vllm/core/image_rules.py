@@ -13,23 +13,21 @@ white), so an image vLLM would see differently is converted here and sent as an 
 an RGB JPEG/PNG/WebP without orientation or animation is sent as received, after reading
 its header only. ``image_alpha: white`` in the limits applies the PIL rule to files too.
 
-:class:`ImageGeometry` is the processor's resize rule (``smart_resize``), read from the
-checkpoint's ``preprocessor_config.json``: the size the model keeps, its token count, and
-the aspect ratios it refuses.
+The size the model keeps of an image is the checkpoint's :class:`~jv4_vllm.core.spec.ImageGeometry`
+(its processor's ``preprocessor_config.json``, or a deployment's ``--mm-processor-kwargs``):
+the pixel limit follows it (:func:`model_image_limits`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 
 from jv4_vllm.config import Config, LimitsConfig
+from jv4_vllm.core.spec import MAX_ASPECT_RATIO, load_image_geometry
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -37,7 +35,6 @@ __all__ = [
     "PASS_THROUGH_MIMES",
     "PIXEL_HEADROOM",
     "ImageAlpha",
-    "ImageGeometry",
     "file_rgb",
     "mm_processor_overrides",
     "model_image_limits",
@@ -49,7 +46,6 @@ __all__ = [
 ImageAlpha = Literal["reference", "white"]
 
 PASS_THROUGH_MIMES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-MAX_ASPECT_RATIO = 200  # the Qwen2-VL processor refuses longer/shorter side ratios above this
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard: never more, whatever the model
 PIXEL_HEADROOM = 64  # accept up to 64x the pixels the processor keeps (8x per side), then refuse
 _ORIENTATION = 0x0112
@@ -113,58 +109,6 @@ def _png_chunk_types(data: bytes) -> set[bytes] | None:
     return None  # truncated: let the caller convert (and so decode) it
 
 
-@dataclass(frozen=True, slots=True)
-class ImageGeometry:
-    """The Qwen2-VL processor's resize rule for one checkpoint."""
-
-    min_pixels: int
-    max_pixels: int
-    patch_size: int = 14
-    merge_size: int = 2
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    def resized(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the processor resizes an image to: multiples of ``factor``,
-        pixels within [min_pixels, max_pixels], aspect ratio kept as closely as possible."""
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise ValueError(f"aspect ratio {max(width, height) / min(width, height):.0f}:1 is over "
-                             f"the model's {MAX_ASPECT_RATIO}:1")
-        factor = self.factor
-        h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-        if h_bar * w_bar > self.max_pixels:
-            beta = math.sqrt(height * width / self.max_pixels)
-            h_bar = max(factor, math.floor(height / beta / factor) * factor)
-            w_bar = max(factor, math.floor(width / beta / factor) * factor)
-        elif h_bar * w_bar < self.min_pixels:
-            beta = math.sqrt(self.min_pixels / (height * width))
-            h_bar = math.ceil(height * beta / factor) * factor
-            w_bar = math.ceil(width * beta / factor) * factor
-        return w_bar, h_bar
-
-    def image_tokens(self, width: int, height: int) -> int:
-        """``<|image_pad|>`` tokens the image expands to in the prompt."""
-        w_bar, h_bar = self.resized(width, height)
-        return (w_bar // self.patch_size) * (h_bar // self.patch_size) // (self.merge_size ** 2)
-
-    @classmethod
-    def from_checkpoint(cls, directory: str | Path, overrides: dict[str, int] | None = None) -> ImageGeometry:
-        """Read ``preprocessor_config.json`` (``min_pixels``/``max_pixels`` win over ``size``,
-        as in transformers); ``overrides`` are the deployment's ``--mm-processor-kwargs``."""
-        raw = json.loads((Path(directory) / "preprocessor_config.json").read_text(encoding="utf-8"))
-        size = raw.get("size") or {}
-        values = {
-            "min_pixels": raw.get("min_pixels") or size.get("shortest_edge") or 56 * 56,
-            "max_pixels": raw.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280,
-            "patch_size": raw.get("patch_size") or 14,
-            "merge_size": raw.get("merge_size") or 2,
-        }
-        values.update({k: v for k, v in (overrides or {}).items() if k in values})
-        return cls(**{k: int(v) for k, v in values.items()})
-
-
 def mm_processor_overrides(extra_args: list[str]) -> dict[str, int]:
     """``min_pixels``/``max_pixels`` a deployment passes vLLM with ``--mm-processor-kwargs``."""
     for position, arg in enumerate(extra_args):
@@ -190,7 +134,7 @@ def model_image_limits(config: Config) -> LimitsConfig:
     if limits.max_image_pixels is not None:
         return limits
     overrides = mm_processor_overrides(config.vllm.extra_args)
-    kept = [ImageGeometry.from_checkpoint(config.task_dir(task), overrides).max_pixels
+    kept = [overrides.get("max_pixels") or load_image_geometry(config.task_dir(task)).max_pixels
             for task in config.tasks if (config.task_dir(task) / "preprocessor_config.json").is_file()]
     if not kept:
         return limits

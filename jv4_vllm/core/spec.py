@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-__all__ = ["SPEC_FILE", "ImageGeometry", "TaskSpec", "load_image_geometry", "load_task_spec"]
+__all__ = ["MAX_ASPECT_RATIO", "SPEC_FILE", "ImageGeometry", "TaskSpec", "load_image_geometry", "load_task_spec"]
 
 SPEC_FILE = "jv4.json"
+MAX_ASPECT_RATIO = 200  # the Qwen2-VL processor refuses longer/shorter side ratios above this
 REQUIRED_TOKENS = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
 
 
@@ -31,10 +32,14 @@ class ImageGeometry:
         return self.patch_size * self.merge_size
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the processor resizes to: multiples of ``factor``, pixels within bounds."""
+        """(width, height) the processor resizes to: multiples of ``factor``, pixels within bounds
+        (Qwen2-VL's ``smart_resize``, step for step; it refuses aspect ratios over 200:1)."""
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ValueError(f"aspect ratio {max(width, height) / min(width, height):.0f}:1 is over "
+                             f"the model's {MAX_ASPECT_RATIO}:1")
         factor = self.factor
-        h = max(factor, round(height / factor) * factor)
-        w = max(factor, round(width / factor) * factor)
+        h = round(height / factor) * factor  # may be 0: then the min_pixels branch scales it up
+        w = round(width / factor) * factor
         if h * w > self.max_pixels:
             beta = math.sqrt(height * width / self.max_pixels)
             h = max(factor, math.floor(height / beta / factor) * factor)
