@@ -386,6 +386,9 @@ async def test_openapi_documents_the_contract(servers: dict[str, str]) -> None:
                            "return_dense"}
     assert all(prop.get("description") for prop in schema.values())
     assert {"/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
+    documented = set(spec["paths"]["/v1/embeddings"]["post"]["responses"])
+    statuses = {str(cls.status) for cls in _error_classes(Jv4Error) if cls.status != 500}  # 500: never on purpose
+    assert statuses - documented == set() and {"502", "504"} <= statuses
 
 
 async def test_models_lists_the_model_and_each_adapter(servers: dict[str, str]) -> None:
