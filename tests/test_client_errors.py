@@ -21,18 +21,7 @@ from images_util import make_image, png_bytes
 
 from jv4_vllm.client import AsyncClient
 from jv4_vllm.deploy.launch import free_port
-from jv4_vllm.errors import (
-    BackendError,
-    BackendTimeoutError,
-    BackendUnavailableError,
-    InvalidRequestError,
-    Jv4Error,
-    ModelNotFoundError,
-    OverloadedError,
-    PayloadTooLargeError,
-    ServiceUnreachableError,
-    retry_after_seconds,
-)
+from jv4_vllm import errors
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,9 +70,9 @@ def answer(status: int, body: bytes, content_type: str = "text/html", **headers:
 
 async def test_nothing_listening_is_service_unreachable() -> None:
     async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
-        with pytest.raises(ServiceUnreachableError, match="cannot reach") as info:
+        with pytest.raises(errors.ServiceUnreachableError, match="cannot reach") as info:
             await client.encode_text(["a"])
-    assert isinstance(info.value, BackendUnavailableError) and info.value.code == "service_unreachable"
+    assert isinstance(info.value, errors.BackendUnavailableError) and info.value.code == "service_unreachable"
 
 
 async def test_no_answer_in_time_is_a_backend_timeout() -> None:
@@ -94,7 +83,7 @@ async def test_no_answer_in_time_is_a_backend_timeout() -> None:
         return web.Response(status=204)
 
     async with Upstream(silent) as upstream, AsyncClient(upstream.url, timeout=0.5) as client:
-        with pytest.raises(BackendTimeoutError, match="did not answer in time"):
+        with pytest.raises(errors.BackendTimeoutError, match="did not answer in time"):
             await client.encode_text(["a"])
         released.set()
 
@@ -106,19 +95,19 @@ async def unavailable_for_two_minutes(_: web.Request) -> web.StreamResponse:
 
 
 @pytest.mark.parametrize(("handler", "error", "message", "retry_after"), [
-    (answer(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"), BackendError, "502 Bad Gateway", None),
-    (unavailable_for_two_minutes, BackendUnavailableError, "Service Unavailable", (60.0, 120.0)),
-    (answer(413, b"<html>Request Entity Too Large</html>"), PayloadTooLargeError, "Too Large", None),
-    (answer(404, b"<html>Not Found</html>"), ModelNotFoundError, "Not Found", None),
-    (answer(500, b"\xff\xfe oops"), Jv4Error, "HTTP 500", None),
+    (answer(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"), errors.BackendError, "502 Bad Gateway", None),
+    (unavailable_for_two_minutes, errors.BackendUnavailableError, "Service Unavailable", (60.0, 120.0)),
+    (answer(413, b"<html>Request Entity Too Large</html>"), errors.PayloadTooLargeError, "Too Large", None),
+    (answer(404, b"<html>Not Found</html>"), errors.ModelNotFoundError, "Not Found", None),
+    (answer(500, b"\xff\xfe oops"), errors.Jv4Error, "HTTP 500", None),
     (answer(429, b'{"error": {"message": "busy", "type": "rate_limit_error", "param": null, "code": "overloaded"}}',
-            "application/json", **{"Retry-After": "7"}), OverloadedError, "busy", (7.0, 7.0)),
-    (answer(503, b"", "text/plain", **{"Retry-After": "soon"}), BackendUnavailableError, "HTTP 503", None),
+            "application/json", **{"Retry-After": "7"}), errors.OverloadedError, "busy", (7.0, 7.0)),
+    (answer(503, b"", "text/plain", **{"Retry-After": "soon"}), errors.BackendUnavailableError, "HTTP 503", None),
 ])
-async def test_any_error_answer_is_a_class_of_the_tree(handler: Handler, error: type[Jv4Error], message: str,
+async def test_any_error_answer_is_a_class_of_the_tree(handler: Handler, error: type[errors.Jv4Error], message: str,
                                                       retry_after: tuple[float, float] | None) -> None:
     async with Upstream(handler) as upstream, AsyncClient(upstream.url) as client:
-        with pytest.raises(Jv4Error, match=message) as info:
+        with pytest.raises(errors.Jv4Error, match=message) as info:
             await client.encode_text(["a"])
     assert type(info.value) is error
     if retry_after is None:
@@ -130,22 +119,22 @@ async def test_any_error_answer_is_a_class_of_the_tree(handler: Handler, error: 
 @pytest.mark.parametrize("body", [b"<html>a login page</html>", b'{"object": "list"}', b'{"data": [{"index": 0}]}'])
 async def test_a_success_without_embeddings_is_a_backend_error(body: bytes) -> None:
     async with Upstream(answer(200, body, "application/json")) as upstream, AsyncClient(upstream.url) as client:
-        with pytest.raises(BackendError, match="without the expected body"):
+        with pytest.raises(errors.BackendError, match="without the expected body"):
             await client.encode_text(["a"])
 
 
 def test_retry_after_as_seconds_or_http_date() -> None:
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    assert retry_after_seconds("5", now) == 5.0 and retry_after_seconds("-3", now) == 0.0
-    assert retry_after_seconds("Thu, 01 Jan 2026 00:02:00 GMT", now) == 120.0
-    assert retry_after_seconds("Wed, 31 Dec 2025 23:00:00 GMT", now) == 0.0  # already past
-    assert [retry_after_seconds(v, now) for v in (None, "", "soon", "nan", "inf")] == [None] * 5
+    assert errors.retry_after_seconds("5", now) == 5.0 and errors.retry_after_seconds("-3", now) == 0.0
+    assert errors.retry_after_seconds("Thu, 01 Jan 2026 00:02:00 GMT", now) == 120.0
+    assert errors.retry_after_seconds("Wed, 31 Dec 2025 23:00:00 GMT", now) == 0.0  # already past
+    assert [errors.retry_after_seconds(v, now) for v in (None, "", "soon", "nan", "inf")] == [None] * 5
 
 
 async def test_an_empty_batch_is_refused_before_anything_is_sent() -> None:
     async with Upstream() as upstream, AsyncClient(upstream.url) as client:
         for encode in (client.encode_text, client.encode_image):
-            with pytest.raises(InvalidRequestError, match="input is empty") as info:
+            with pytest.raises(errors.InvalidRequestError, match="input is empty") as info:
                 await encode([])
             assert info.value.param == "input"
     assert upstream.bodies == []
@@ -164,7 +153,8 @@ async def test_the_callers_own_loopback_url_is_fetched_and_sent_as_bytes() -> No
         assert vector.shape == (4,)
         sent = base64.b64decode(json.loads(upstream.bodies[0])["input"][0]["image"])
         assert sent == PNG
-        with pytest.raises(InvalidRequestError, match=r"input\[1\]: fetching the image URL answered HTTP 404") as info:
+        missing = r"input\[1\]: fetching the image URL answered HTTP 404"
+        with pytest.raises(errors.InvalidRequestError, match=missing) as info:
             await client.encode_image([PNG, f"{upstream.url}/files/missing.png"])
         assert info.value.code == "image_fetch_failed"
     assert len(upstream.bodies) == 1
@@ -174,7 +164,7 @@ async def test_the_byte_cap_still_holds_for_the_callers_urls() -> None:
     limit = 8 * 1024 * 1024  # the client's default max_image_bytes
     async with Upstream(embeddings_of_one, {"big.png": PNG + bytes(limit)}) as upstream, \
             AsyncClient(upstream.url) as client:
-        with pytest.raises(PayloadTooLargeError, match=f"larger than {limit} bytes"):
+        with pytest.raises(errors.PayloadTooLargeError, match=f"larger than {limit} bytes"):
             await client.encode_image(f"{upstream.url}/files/big.png")
     assert upstream.bodies == []
 
