@@ -54,7 +54,9 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown model",
         413: "Too many documents or PDF pages, or a document over the size limits",
         429: "Overloaded; retry after Retry-After seconds",
+        502: "A vLLM replica failed or answered badly (retried once on another replica first)",
         503: "No healthy backend for the task; retry after Retry-After seconds",
+        504: "The backend did not answer within the configured timeout",
     }.items()
 }
 
