@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,10 @@ async def _verify(config: Config, router_url: str | None, golden_path: str | Pat
         if overlap is not None and overlap != config.backend.late_chunking_overlap:
             print(f"note: the golden file's late chunking overlaps windows by {overlap} tokens, this deployment "
                   f"by {config.backend.late_chunking_overlap}: the windowed late-chunking probe cannot match")
-        probes, want_for = golden.probes, (lambda tasks: [v for v in golden.vectors if v.task in tasks])
+        probes = golden.probes
+        if not any(chunk_name(doc, 0) == v.probe for v in golden.vectors for doc in probes.late_chunks):
+            probes = replace(probes, late_chunks={})  # the golden's encoder could not late-chunk
+        want_for = lambda tasks: [v for v in golden.vectors if v.task in tasks]
         print(f"golden file {golden_path}: {golden.meta.get('made_by', '?')}, {len(golden.vectors)} vectors")
     else:
         from jv4_vllm.oracle.reference import (
