@@ -17,7 +17,7 @@ from aiohttp import ClientResponse
 
 from jv4_vllm.config import BackendSettings
 from jv4_vllm.core.replicas import ReplicaPool
-from jv4_vllm.errors import BackendError, BackendTimeoutError
+from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError
 from vllm_stack import free_port
 
 
@@ -99,3 +99,24 @@ async def test_a_timeout_is_a_504_and_is_not_retried():
             await pool.call("/pooling", {}, 1, read_body)
         assert caught.value.status == 504
         assert slow.calls + other.calls == 1  # the slowest calls are not sent twice
+
+
+async def test_a_replica_that_just_failed_comes_last():
+    async with Replica(status=500) as bad, Replica() as good, started_pool(bad, good) as pool:
+        next(r for r in pool.replicas if r.url == good.url).tokens_in_flight += 1  # bad is tried first
+        for _ in range(3):
+            assert await pool.call("/pooling", {}, 1, read_body) == b"ok"
+        assert (bad.calls, good.calls) == (1, 3)  # after its failure it is not tried again while good serves
+
+
+async def test_a_replica_failing_three_times_in_a_row_is_out_until_its_health_check():
+    async with Replica(status=500) as one, Replica(status=502) as two, started_pool(one, two) as pool:
+        for _ in range(3):
+            with pytest.raises(BackendError):
+                await pool.call("/pooling", {}, 1, read_body)
+        assert (one.calls, two.calls) == (3, 3) and not pool.healthy()
+        with pytest.raises(BackendUnavailableError):  # out of rotation: nothing is sent
+            await pool.call("/pooling", {}, 1, read_body)
+        assert (one.calls, two.calls) == (3, 3)
+        await pool.check_health()  # their /health still answers: back in, failures forgotten
+        assert pool.healthy() and all(r.failures == 0 for r in pool.replicas)

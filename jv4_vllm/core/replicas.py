@@ -32,6 +32,7 @@ __all__ = ["BackendRejection", "Replica", "ReplicaPool", "ReplicaStats"]
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns+"
 ERROR_BODY_LIMIT = 64 * 1024
+EJECT_AFTER_FAILURES = 3  # 5xx answers in a row that take a replica out until its health check passes
 T = TypeVar("T")
 
 _JSON = {"content-type": "application/json"}
@@ -179,6 +180,8 @@ class ReplicaPool:
                 ok = response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
+        if ok and not replica.healthy:
+            replica.failures = 0
         self._set_health(replica, ok)
 
     def _set_health(self, replica: Replica, ok: bool) -> None:
@@ -209,7 +212,8 @@ class ReplicaPool:
         candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
         if not candidates:
             raise self._unavailable()
-        return min(candidates, key=lambda r: (r.tokens_in_flight, r.in_flight))
+        # A replica that just failed comes last; among the rest, the least loaded in tokens.
+        return min(candidates, key=lambda r: (r.failures, r.tokens_in_flight, r.in_flight))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -249,6 +253,8 @@ class ReplicaPool:
                     raise BackendRejection(response.status, error_message(content))
                 failure = f"{replica.url} answered {response.status}: {error_message(content)}"
                 replica.failures += 1
+                if replica.failures >= EJECT_AFTER_FAILURES:  # back in when its next health check passes
+                    self._set_health(replica, False)
                 log.warning("%s: %s", self.task, failure)
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 replica.failures += 1
