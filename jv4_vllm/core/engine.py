@@ -33,6 +33,7 @@ __all__ = ["POOLING_PATH", "Engine", "TaskRuntime"]
 SLAB_BYTES = 1 << 20  # body bytes folded at a time (the most a call holds besides its results)
 INLINE_FOLD_BYTES = 128 * 1024  # smaller remainders are folded on the event loop (a thread hop costs more)
 INLINE_FINISH_ROWS = 4096  # results with more rows than this are finished in a worker thread
+TEXT_MAX_TOKENS = 32768  # jina-embeddings-v4's own encoder never keeps more text tokens than this
 
 
 class TaskRuntime:
@@ -61,7 +62,7 @@ class Engine:
         self._runtimes = runtimes
         self.tasks = list(runtimes)
         self.max_tokens = min(
-            [config.vllm.max_model_len] + [r.spec.max_position_embeddings for r in runtimes.values()]
+            [config.vllm.max_model_len, TEXT_MAX_TOKENS] + [r.spec.max_position_embeddings for r in runtimes.values()]
         )
         overlap = config.backend.late_chunking_overlap
         if overlap >= self.max_tokens:
