@@ -28,7 +28,8 @@ from jv4_vllm.router.protocol import (
     ModelCard,
     ModelList,
 )
-from jv4_vllm.router.serving import render_embeddings, request_items
+from jv4_vllm.router.rerank import routes as rerank_routes
+from jv4_vllm.router.serving import decode_gate, embed_items, render_embeddings, request_items
 
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
@@ -66,11 +67,12 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     async def work() -> bytes:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
-        items = await request_items(body, state.config.limits)
-        result = await engine.embed(items, options)
+        items = await request_items(body, state.config.limits, state.decode_gate)
+        result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
         return await asyncio.to_thread(render_embeddings, result, model=body.model or engine.model_name,
-                                       embedding_type=body.output_type(), multivector=options.multivector)
+                                       embedding_type=body.output_type(), multivector=options.multivector,
+                                       pages=items.pages)
 
     finished, content = await until_disconnect(request, work())
     if not finished:
@@ -92,15 +94,21 @@ async def health() -> Response:
     return _json({"status": "ok"})
 
 
-@routes.get("/ready", summary="Readiness", responses={503: {"description": "A task has no healthy backend"}})
-async def ready(request: Request) -> Response:
-    """200 when every task has a healthy backend; 503 naming the tasks that have none."""
+@routes.get("/ready", summary="Readiness", responses={503: {"description": "No task has a healthy backend"}})
+async def ready(request: Request, all: bool = False) -> Response:
+    """200 while at least one task has a healthy backend, so healthy tasks keep serving when
+    another task's deployment is down; the body gives each task's state. 503 when none has
+    (with ``?all=true``: unless every task has one, for start-up scripts)."""
     tasks = request.app.state.engine.readiness()
-    missing = [task for task, ok in tasks.items() if not ok]
-    if missing:
-        return _json({"status": "unavailable", "tasks": tasks, "message": f"no healthy backend for {missing}"},
+    states = {task: "ready" if ok else "unavailable" for task, ok in tasks.items()}
+    down = [task for task, ok in tasks.items() if not ok]
+    if len(down) == len(tasks) or (all and down):
+        return _json({"status": "unavailable", "tasks": states, "message": f"no healthy backend for {down}"},
                      status_code=503, headers={"Retry-After": "1"})
-    return _json({"status": "ready", "tasks": tasks})
+    body: dict[str, Any] = {"status": "ready" if not down else "degraded", "tasks": states}
+    if down:
+        body["message"] = f"no healthy backend for {down}; their requests get 503"
+    return _json(body)
 
 
 @routes.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
@@ -132,8 +140,10 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.config = config.model_copy(update={"limits": model_image_limits(config)})  # pixels follow the model
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
+    app.state.decode_gate = decode_gate()
     install_error_handler(app)
     app.include_router(routes)
+    app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)

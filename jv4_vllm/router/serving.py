@@ -8,32 +8,76 @@ runs in a worker thread, like every other bulk step, so the event loop stays fre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import load_image
-from jv4_vllm.core.types import EmbedResult, Item, TextInput
+from jv4_vllm.core.pdf import PdfPlan, check_page_budget, load_pdf, render_pdf
+from jv4_vllm.core.scoring import rename_inputs
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
-from jv4_vllm.router.protocol import BytesObject, EmbeddingsRequest, ImageObject, TextObject, UrlObject
+from jv4_vllm.router.protocol import BytesObject, EmbeddingsRequest, ImageObject, PdfObject, TextObject, UrlObject
 
-__all__ = ["render_embeddings", "request_items"]
+if TYPE_CHECKING:
+    from jv4_vllm.core.engine import Engine
 
-IMAGE_LOAD_CONCURRENCY = 8
+__all__ = ["RequestItems", "decode_gate", "embed_items", "read_items", "render_embeddings", "request_items"]
+
+IMAGE_DECODE_CONCURRENCY = 4  # image decodes at once in the whole router (they share the CPU with pooling)
 
 
-async def request_items(body: EmbeddingsRequest, limits: LimitsConfig) -> list[Item]:
-    """The inputs as engine items, images read and checked; too many inputs is a 413."""
+def decode_gate() -> asyncio.Semaphore:
+    """The router's one cap on concurrent image reads and decodes, made once per app."""
+    return asyncio.Semaphore(IMAGE_DECODE_CONCURRENCY)
+
+
+class RequestItems(list[Item]):
+    """A request's engine items, each PDF input replaced by its page images in place;
+    ``pages`` maps those inputs' indices to their page numbers (empty without PDFs)."""
+
+    def __init__(self, items: Iterable[Item] = (), pages: dict[int, tuple[int, ...]] | None = None) -> None:
+        super().__init__(items)
+        self.pages = pages or {}
+        self._owners: list[int] | None = None
+
+    def input_index(self, position: int) -> int:
+        """The input the item at ``position`` came from (all of a PDF's pages come from one)."""
+        if not self.pages:
+            return position
+        if self._owners is None:
+            owners: list[int] = []
+            index = 0
+            while len(owners) < len(self):
+                owners.extend([index] * len(self.pages.get(index, (None,))))
+                index += 1
+            self._owners = owners
+        return self._owners[position] if position < len(self._owners) else position
+
+
+async def embed_items(engine: Engine, items: RequestItems, options: EmbedOptions) -> EmbedResult:
+    """``engine.embed``, its errors naming the request's inputs rather than engine positions."""
+    try:
+        return await engine.embed(items, options)
+    except Jv4Error as error:
+        if items.pages:
+            rename_inputs(error, lambda position: f"input[{items.input_index(position)}]")
+        raise
+
+
+async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+    """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap);
+    too many inputs is a 413."""
     raw = [body.input] if isinstance(body.input, str) else body.input
     if len(raw) > limits.max_inputs_per_request:
         raise PayloadTooLargeError(
             f"input has {len(raw)} items; the limit is {limits.max_inputs_per_request} per request",
             param="input", code="too_many_inputs")
-    return await _items(raw, limits)
+    return await read_items(raw, limits, gate)
 
 
 def _image_source(value: object) -> str | None:
@@ -47,19 +91,22 @@ def _image_source(value: object) -> str | None:
     return None
 
 
-async def _items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject],
-                 limits: LimitsConfig) -> list[Item]:
-    """Texts as they are; images read concurrently. A failure reports the lowest failing index."""
+async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject | PdfObject],
+                     limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+    """Texts as they are; images and PDFs read concurrently, then PDF pages rendered.
+    A failure reports the lowest failing index."""
     sources = [_image_source(value) for value in raw]
     items: list[Item | None] = [
-        None if source is not None else TextInput(value if isinstance(value, str) else value.text)  # type: ignore[union-attr]
+        None if source is not None or isinstance(value, PdfObject)
+        else TextInput(value if isinstance(value, str) else value.text)  # type: ignore[union-attr]
         for value, source in zip(raw, sources)
     ]
     images = [(i, source) for i, source in enumerate(sources) if source is not None]
-    if not images:
-        return items  # type: ignore[return-value]
-    gate = asyncio.Semaphore(IMAGE_LOAD_CONCURRENCY)
+    pdfs = [(i, value) for i, value in enumerate(raw) if isinstance(value, PdfObject)]
+    if not images and not pdfs:
+        return RequestItems(items)  # type: ignore[arg-type]
     failures: dict[int, Jv4Error] = {}
+    plans: dict[int, PdfPlan] = {}
 
     async def read(index: int, value: str) -> None:
         async with gate:
@@ -68,22 +115,80 @@ async def _items(raw: Sequence[str | TextObject | ImageObject | UrlObject | Byte
             except Jv4Error as exc:
                 failures[index] = exc
 
-    await asyncio.gather(*(read(i, v) for i, v in images))
+    async def plan(index: int, value: PdfObject) -> None:
+        async with gate:
+            try:
+                plans[index] = await load_pdf(value.pdf, value.pages, limits, index)
+            except Jv4Error as exc:
+                failures[index] = exc
+
+    await asyncio.gather(*(read(i, v) for i, v in images), *(plan(i, v) for i, v in pdfs))
     if failures:
         raise failures[min(failures)]
-    return items  # type: ignore[return-value]
+    if not plans:
+        return RequestItems(items)  # type: ignore[arg-type]
+    return await _with_pages(items, [plans[i] for i in sorted(plans)], limits, gate)
+
+
+async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: LimitsConfig,
+                      gate: asyncio.Semaphore) -> RequestItems:
+    """Every planned PDF rendered (within the request's page budget) and spliced in at its input."""
+    check_page_budget(plans, limits)
+
+    async def render(plan: PdfPlan) -> tuple[int, tuple[int, ...], tuple[Item, ...]]:
+        async with gate:
+            rendered = await render_pdf(plan, limits)
+        return plan.index, rendered.pages, rendered.images
+
+    done = {index: (pages, images) for index, pages, images in
+            await asyncio.gather(*(render(plan) for plan in plans))}
+    flat: list[Item] = []
+    for index, item in enumerate(items):
+        if index in done:
+            flat.extend(done[index][1])
+        else:
+            flat.append(item)  # type: ignore[arg-type]
+    return RequestItems(flat, {index: pages for index, (pages, _) in done.items()})
 
 
 def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType,
-                      multivector: bool) -> bytes:
-    """The JSON body for ``result`` (CPU-bound: call it from a worker thread)."""
+                      multivector: bool, pages: Mapping[int, Sequence[int]] | None = None) -> bytes:
+    """The JSON body for ``result`` (CPU-bound: call it from a worker thread).
+
+    ``pages`` (:attr:`RequestItems.pages`) groups the page vectors of each PDF input into one
+    ``{"object": "pages", "index", "pages": [{"page", ...}]}`` item, so ``data[i]`` answers ``input[i]``.
+    """
     item, arrays = (_multivector_item if multivector else _vector_item), result.embeddings
     if result.multivectors is not None:  # dense and multi-vector from one pass
         item, arrays = _both_item, list(zip(result.multivectors, result.embeddings))  # type: ignore[assignment]
-    data = [item(index, array, embedding_type) for index, array in enumerate(arrays)]
+    if pages:
+        data = _grouped(arrays, pages, item, embedding_type)
+    else:
+        data = [item(index, array, embedding_type) for index, array in enumerate(arrays)]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
     return orjson.dumps({"object": "list", "model": model, "data": data, "usage": usage},
                         option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _grouped(arrays: Sequence[np.ndarray], pages: Mapping[int, Sequence[int]],
+             item: Callable[[int, np.ndarray, EmbeddingType], dict[str, Any]],
+             embedding_type: EmbeddingType) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = []
+    position, index = 0, 0
+    while position < len(arrays):
+        if index in pages:
+            entries = []
+            for number in pages[index]:
+                fields = item(index, arrays[position], embedding_type)
+                del fields["index"]
+                entries.append({"page": number, **fields})
+                position += 1
+            data.append({"object": "pages", "index": index, "pages": entries})
+        else:
+            data.append(item(index, arrays[position], embedding_type))
+            position += 1
+        index += 1
+    return data
 
 
 def _vector_item(index: int, vector: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
