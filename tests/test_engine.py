@@ -126,7 +126,11 @@ async def test_mixed_batch_in_order(vllm_stack, reference, images):
             got = np.stack(result.embeddings)
             assert cosines(got[0::2], want_text).min() >= SINGLE_MIN
             assert cosines(got[1::2], want_image).min() >= SINGLE_MIN
-            assert result.prompt_tokens > 0
+            # usage counts every prompt's tokens, texts and images (calls finish concurrently)
+            pictures = [images[i % len(images)] for i in range(len(TEXTS))]
+            want_tokens = sum(map(len, reference.text_token_ids(TEXTS, task=task, prompt_name=role)))
+            want_tokens += sum(map(len, reference.image_token_ids(pictures, task=task)))
+            assert result.prompt_tokens == want_tokens
     finally:
         await engine.aclose()
 

@@ -126,7 +126,8 @@ class Engine:
             async def run(call: Call) -> None:
                 nonlocal used
                 async with meter.hold(call.tokens):
-                    used += await self._send(runtime, call)
+                    tokens = await self._send(runtime, call)
+                used += tokens  # after the await: `used += await ...` would read `used` before it
 
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
