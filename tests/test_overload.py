@@ -153,6 +153,8 @@ async def test_full_queue_is_a_429_then_the_held_requests_succeed(prepared_dir: 
         await slow_replica.wait_holding(1)
         await asyncio.sleep(0.3)  # time for a wrongly admitted second call to reach the replica
         assert slow_replica.calls == 1 and not any(task.done() for task in pending)
+        held = (await client.get("/metrics")).text
+        assert metric(held, "jv4_waiting_requests", task=TASK) == 1 and metric(held, "jv4_admitted_tokens", task=TASK) == 1
 
         slow_replica.gate.set()
         for response in await asyncio.gather(*pending):
@@ -171,6 +173,7 @@ async def test_full_queue_is_a_429_then_the_held_requests_succeed(prepared_dir: 
     assert metric(text, "jv4_errors_total", status="429", type="rate_limit_error", **labels) == 1
     assert metric(text, "jv4_requests_total", status="200", **labels) == 4
     assert metric(text, "jv4_backend_in_flight", task=TASK) == 0
+    assert metric(text, "jv4_admitted_tokens", task=TASK) == 0 and metric(text, "jv4_waiting_requests", task=TASK) == 0
 
 
 async def test_no_live_replica_is_a_503_with_retry_after(prepared_dir: Path) -> None:

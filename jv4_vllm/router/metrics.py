@@ -11,7 +11,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +41,9 @@ class _BackendCollector(Collector):
         in_flight = GaugeMetricFamily("jv4_backend_in_flight", "Calls in flight to the replica",
                                       labels=["task", "replica"])
         ready = GaugeMetricFamily("jv4_task_ready", "1 if the task has a healthy replica", labels=["task"])
+        tokens = GaugeMetricFamily("jv4_admitted_tokens", "Prompt tokens of admitted requests in flight",
+                                   labels=["task"])
+        waiting = GaugeMetricFamily("jv4_waiting_requests", "Requests waiting for admission", labels=["task"])
         engine = self._engine()
         if engine is not None:
             for stats in engine.replica_stats():
@@ -42,7 +51,10 @@ class _BackendCollector(Collector):
                 in_flight.add_metric([stats.task, stats.url], float(stats.in_flight))
             for task, ok in engine.readiness().items():
                 ready.add_metric([task], 1.0 if ok else 0.0)
-        return [healthy, in_flight, ready]
+            for task, (admitted, queued) in engine.admission_stats().items():
+                tokens.add_metric([task], float(admitted))
+                waiting.add_metric([task], float(queued))
+        return [healthy, in_flight, ready, tokens, waiting]
 
 
 class RouterMetrics:
