@@ -324,7 +324,8 @@ def test_long_late_chunking(router_url: str, reference, vllm_stack, parity_repor
     from jv4_vllm.oracle.late_chunking import reference_late_chunking
 
     max_tokens, overlap = window_of(vllm_stack)
-    texts = [f"Section {i}: the cat number {i} sleeps on windowsill {i % 7}, dreaming of fish." for i in range(60)]
+    sections = 60 * max(1, max_tokens // 512)  # 60 sections are over 1,024 tokens: over two windows of 512
+    texts = [f"Section {i}: the cat number {i} sleeps on windowsill {i % 7}, dreaming of fish." for i in range(sections)]
     texts[30] = "Abschnitt 30: 猫はまだ眠っています。 Кошка спит."
     payload = late_post(router_url, texts, task="retrieval.passage")
     ref = reference_late_chunking(reference, texts, "retrieval", "passage", max_tokens=max_tokens, overlap=overlap)

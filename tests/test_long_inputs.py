@@ -24,11 +24,11 @@ def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def long_texts(vllm_stack, reference) -> list[str]:  # noqa: ANN001
-    """Texts that fill the deployment's whole window (the demo deployments allow 512 tokens)."""
+    """Texts that fill the deployment's whole window (several thousand tokens on the demo deployments)."""
     words = "Long documents are embedded whole: retrieval over reports, contracts and manuals.".split()
     texts = []
     for shift in range(3):
-        text = " ".join(words[(i + shift) % len(words)] for i in range(2000))
+        text = " ".join(words[(i + shift) % len(words)] for i in range(2 * vllm_stack.vllm.max_model_len))
         ids = reference.text_token_ids([text], task="retrieval", prompt_name="passage",
                                        max_length=vllm_stack.vllm.max_model_len)[0]
         assert len(ids) == vllm_stack.vllm.max_model_len  # the window is full

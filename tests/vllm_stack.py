@@ -16,7 +16,7 @@ __all__ = ["InProcessServer", "demo_config", "free_port", "serve_shared", "share
            "start_all", "wait_healthy", "wait_ready", "write_config"]
 
 TASKS = ("retrieval", "text-matching", "code")
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 4096  # texts of several thousand tokens, late-chunking windows
 STARTUP_TIMEOUT_S = 420.0
 
 
