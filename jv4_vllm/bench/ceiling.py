@@ -102,11 +102,11 @@ class _Ceiling:
 
     async def throughput(self, passages: Workload, recording: Recording) -> dict[str, Any]:
         s = self.settings
-        c, pool = s.ceiling_concurrency, s.pool_size
+        c = s.ceiling_concurrency
         meter, direct, config, _ = await self._pair(recording, "replay-passage")
         out: dict[str, Any] = {"concurrency": c, "body_bytes": recording.body_bytes,
                                "tokens_per_item": recording.tokens}
-        requests = [direct.request(passages, "single", [k]) for k in range(pool)]
+        requests = [direct.request(passages, "single", [0])]  # the recorded item (see latency)
         log.info("ceiling: replay alone, passages, c=%d", c)
         out["replay_direct"] = _summary(await closed_loop(direct.send, requests, c, s.ceiling_s, meter),
                                         recording, "replay")
@@ -116,9 +116,9 @@ class _Ceiling:
             variants.append(("multi, 1 BLAS thread", "multi", ONE_BLAS_THREAD))
         for label, mode, env in variants:
             router, path = self._router(config, "bench-router-replay", meter, env=env)
-            requests = [path.request(passages, mode, [k]) for k in range(pool)]
-            for request in requests[:2]:  # warm-up
-                await path.send(request)
+            requests = [path.request(passages, mode, [0])]
+            for _ in range(2):  # warm-up
+                await path.send(requests[0])
             log.info("ceiling: router + replay, passages, %s, c=%d", label, c)
             out["router"][label] = _summary(await closed_loop(path.send, requests, c, s.ceiling_s, meter),
                                             recording, "router")
@@ -127,7 +127,7 @@ class _Ceiling:
             profile = s.out / "router-profile.txt"
             log.info("profiling the router under replay load for %.0f s -> %s", s.profile_s, profile)
             router, path = self._router(config, "bench-router-profiled", profile_to=profile)
-            requests = [path.request(passages, "single", [k]) for k in range(pool)]
+            requests = [path.request(passages, "single", [0])]
             await closed_loop(path.send, requests, c, s.profile_s)
             self.stack.stop(router, interrupt=True)
             out["profile"] = str(profile)
@@ -137,13 +137,15 @@ class _Ceiling:
         """Concurrency 1, short queries: the replay alone, then the router in front of it."""
         s = self.settings
         meter, direct, config, _ = await self._pair(recording, "replay-query")
-        requests = [direct.request(queries, "single", [k]) for k in range(s.pool_size)]
+        # The replay answers with the recorded item's rows, so only that item (0) is sent: the engine
+        # refuses an answer whose rows do not match the prompt's tokens.
+        requests = [direct.request(queries, "single", [0])]
         log.info("ceiling: replay alone, queries, c=1")
         alone = await closed_loop(direct.send, requests, 1, s.ceiling_s, meter)
         router, path = self._router(config, "bench-router-replay-query", meter)
-        requests = [path.request(queries, "single", [k]) for k in range(s.pool_size)]
-        for request in requests[:2]:
-            await path.send(request)
+        requests = [path.request(queries, "single", [0])]
+        for _ in range(2):
+            await path.send(requests[0])
         log.info("ceiling: router + replay, queries, c=1")
         routed = await closed_loop(path.send, requests, 1, s.ceiling_s, meter)
         self.stack.stop(router)

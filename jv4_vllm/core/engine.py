@@ -147,16 +147,19 @@ class Engine:
             layouts, used = parse_metadata(response.headers.get("metadata"), len(call.sinks))
             sinks = {layout.index: call.sinks[layout.index](layout.rows) for layout in layouts}
             folder = BodyFolder(layouts, sinks)
-            slab = bytearray()
-            async for chunk in response.content.iter_any():
-                slab += chunk
-                if len(slab) >= SLAB_BYTES:
-                    full, slab = slab, bytearray()
-                    await asyncio.to_thread(folder.take, full)
-            if len(slab) > INLINE_FOLD_BYTES:
-                await asyncio.to_thread(folder.take, slab)
-            elif slab:
-                folder.take(slab)
+            remaining = max((layout.end for layout in layouts), default=0)
+            try:
+                while remaining:  # one await per slab, not per network chunk
+                    slab = await response.content.readexactly(min(SLAB_BYTES, remaining))
+                    remaining -= len(slab)
+                    if len(slab) > INLINE_FOLD_BYTES:
+                        await asyncio.to_thread(folder.take, slab)
+                    else:
+                        folder.take(slab)
+            except asyncio.IncompleteReadError:
+                raise BackendError("the backend's body ended before the rows its metadata announces") from None
+            if await response.content.read(1):
+                raise BackendError("the backend's body is longer than its metadata says")
             folder.finish()
             return used
 
