@@ -11,46 +11,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from aiohttp import web
-
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
+from fault_upstream import FaultUpstream
 
 from jv4_vllm.config import BackendSettings
 from jv4_vllm.core.replicas import ReplicaPool
 from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError
-from vllm_stack import free_port
 
 
-class Replica:
-    """A loopback HTTP server whose /pooling answer the test sets; counts the calls it gets."""
+class Replica(FaultUpstream):
+    """A stand-in replica whose /pooling answer the test sets (status, delay)."""
 
     def __init__(self, status: int = 200, delay: float = 0.0) -> None:
-        self.status, self.delay, self.calls = status, delay, 0
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
+        self.status, self.delay = status, delay
 
-    async def _pooling(self, request: web.Request) -> web.Response:
-        self.calls += 1
+    async def pooling(self, request: web.Request) -> web.Response:
         await asyncio.sleep(self.delay)
         if self.status >= 400:
             return web.json_response({"error": {"message": f"engine fault {self.port}"}}, status=self.status)
         return web.Response(status=self.status, body=b"ok", headers={"metadata": "{}"})
-
-    @staticmethod
-    async def _health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def __aenter__(self) -> "Replica":
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_post("/pooling", self._pooling)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
 
 
 @asynccontextmanager

@@ -15,11 +15,12 @@ import httpx
 import numpy as np
 import pytest
 from aiohttp import web
+from fault_upstream import FaultUpstream
+from vllm_stack import InProcessServer
 
 from jv4_vllm.config import Config
 from jv4_vllm.deploy.launch import free_port
 from jv4_vllm.router import create_app
-from vllm_stack import InProcessServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,16 +28,14 @@ TASK = "retrieval"
 BODY = {"input": ["hello there"], "task": f"{TASK}.passage"}
 
 
-class FaultyUpstream:
-    """Answers /health, and /pooling the way ``mode`` says; counts the /pooling calls."""
+class FaultyUpstream(FaultUpstream):
+    """Answers /pooling the way ``mode`` says."""
 
     def __init__(self, hidden: int, mode: str) -> None:
-        self.hidden, self.mode, self.calls = hidden, mode, 0
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
+        self.hidden, self.mode = hidden, mode
 
-    async def _pooling(self, request: web.Request) -> web.StreamResponse:
-        self.calls += 1
+    async def pooling(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         tokens = len(body["input"][0])
         rows = np.ones((tokens, self.hidden), dtype="<f2").tobytes()
@@ -55,22 +54,6 @@ class FaultyUpstream:
         if self.mode == "500":
             return web.json_response({"error": {"message": "CUDA error: an illegal memory access"}}, status=500)
         return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
-
-    @staticmethod
-    async def _health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def __aenter__(self) -> "FaultyUpstream":
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_post("/pooling", self._pooling)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
 
 
 def hidden_size(prepared_dir: Path) -> int:

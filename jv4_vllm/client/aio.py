@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -32,7 +32,14 @@ from jv4_vllm.core.pdf import (
     load_pdf,
 )
 from jv4_vllm.core.scoring import RerankHit, Scoring, rename_inputs
-from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, TextInput, parse_task
+from jv4_vllm.core.types import (
+    EmbedOptions,
+    EmbedResult,
+    ImageInput,
+    Item,
+    TextInput,
+    parse_task,
+)
 from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
 __all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit"]
@@ -147,22 +154,12 @@ class AsyncClient:
         options = _options(task, "query", truncate_dim, return_multivector, False)
         plan = await self._pdf(pdf, pages, 0)
         chunks = [plan.pages[i:i + batch_size] for i in range(0, len(plan.pages), batch_size)]
-        show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
-        gate = asyncio.Semaphore(self._max_concurrency)
-        outputs: list[list[np.ndarray]] = [[] for _ in chunks]
-        with tqdm(total=len(plan.pages), disable=not show, unit="page", desc="Encoding PDF") as bar:
-            async def send(position: int, chunk: tuple[int, ...]) -> None:
-                async with gate:
-                    result = await self._sender.embed_pdf(PdfInput(plan.data, format_pages(chunk)), options)
-                outputs[position] = result.embeddings
-                bar.update(len(chunk))
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for position, chunk in enumerate(chunks):
-                        group.create_task(send(position, chunk))
-            except ExceptionGroup as failure:
-                raise failure.exceptions[0] from None
-        flat = [vector for part in outputs for vector in part]
+
+        async def send(chunk: tuple[int, ...]) -> EmbedResult:
+            return await self._sender.embed_pdf(PdfInput(plan.data, format_pages(chunk)), options)
+
+        results = await self._send_chunks(chunks, send, show_progress, unit="page", desc="Encoding PDF")
+        flat = [vector for result in results for vector in result.embeddings]
         return flat if options.multivector else np.stack(flat)
 
     async def rerank(self, query: Any, documents: Sequence[Any], *, top_n: int | None = None,
@@ -237,24 +234,32 @@ class AsyncClient:
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
         chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+        async def send(chunk: list[Item]) -> EmbedResult:
+            return await self._sender(chunk, options)
+
+        results = await self._send_chunks(chunks, send, show_progress, unit="item", desc="Encoding")
+        flat = [vector for result in results for vector in result.embeddings]
+        if options.dense_and_multivector:
+            return DenseAndMulti(np.stack(flat), [m for result in results for m in result.multivectors or []])
+        return flat if options.multivector else np.stack(flat)
+
+    async def _send_chunks(self, chunks: Sequence[Sequence[Any]], send: Callable[[Any], Awaitable[EmbedResult]],
+                           show_progress: bool | None, *, unit: str, desc: str) -> list[EmbedResult]:
+        """Every chunk through ``send``, ``max_concurrency`` at a time, results in chunk order; a
+        progress bar over the chunks' items (by default once a job spans several requests)."""
         show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
         gate = asyncio.Semaphore(self._max_concurrency)
-        outputs: list[list[np.ndarray]] = [[] for _ in chunks]
-        multis: list[list[np.ndarray]] = [[] for _ in chunks]  # with return_dense: the multi-vectors
-        with tqdm(total=len(items), disable=not show, unit="item", desc="Encoding") as bar:
-            async def send(position: int, chunk: list[Item]) -> None:
+        results: list[EmbedResult | None] = [None] * len(chunks)
+        with tqdm(total=sum(len(c) for c in chunks), disable=not show, unit=unit, desc=desc) as bar:
+            async def one(position: int, chunk: Sequence[Any]) -> None:
                 async with gate:
-                    result = await self._sender(chunk, options)
-                outputs[position] = result.embeddings
-                multis[position] = result.multivectors or []
+                    results[position] = await send(chunk)
                 bar.update(len(chunk))
             try:
                 async with asyncio.TaskGroup() as group:
                     for position, chunk in enumerate(chunks):
-                        group.create_task(send(position, chunk))
+                        group.create_task(one(position, chunk))
             except ExceptionGroup as failure:
                 raise failure.exceptions[0] from None
-        flat = [vector for part in outputs for vector in part]
-        if options.dense_and_multivector:
-            return DenseAndMulti(np.stack(flat), [matrix for part in multis for matrix in part])
-        return flat if options.multivector else np.stack(flat)
+        return results  # type: ignore[return-value]

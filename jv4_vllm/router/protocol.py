@@ -44,6 +44,7 @@ __all__ = [
     "TextObject",
     "UrlObject",
     "Usage",
+    "adapter_task",
     "field_path",
 ]
 
@@ -197,13 +198,7 @@ class EmbeddingsRequest(_Schema):
 
     def resolve_task(self, model_name: str, tasks: Sequence[str]) -> tuple[str, str]:
         """(task, role) from ``task`` and ``model`` (which may name one adapter)."""
-        adapter = None
-        if self.model is not None and self.model != model_name:
-            adapters = {f"{model_name}-{t}": t for t in tasks}
-            if self.model not in adapters:
-                raise ModelNotFoundError(
-                    f"model {self.model!r} is not served here; use one of {[model_name, *adapters]}", param="model")
-            adapter = adapters[self.model]
+        adapter = adapter_task(self.model, model_name, tasks)
         if self.task is None:
             return adapter or (DEFAULT_TASK if DEFAULT_TASK in tasks else tasks[0]), "query"
         task, role = parse_task(self.task, tasks)
@@ -219,6 +214,17 @@ class EmbeddingsRequest(_Schema):
                             multivector=self.return_multivector, truncate=self.truncate,
                             late_chunking=self.late_chunking,
                             dense_and_multivector=self.return_multivector and self.return_dense)
+
+
+def adapter_task(model: str | None, model_name: str, tasks: Sequence[str]) -> str | None:
+    """The task a ``model`` field names (``<model>-<task>``), None for the model itself; 404 otherwise."""
+    if model is None or model == model_name:
+        return None
+    adapters = {f"{model_name}-{t}": t for t in tasks}
+    if model not in adapters:
+        raise ModelNotFoundError(f"model {model!r} is not served here; use one of {[model_name, *adapters]}",
+                                 param="model")
+    return adapters[model]
 
 
 def field_path(loc: Sequence[str | int]) -> str | None:

@@ -33,11 +33,10 @@ from jv4_vllm.core.types import Item, parse_task
 from jv4_vllm.errors import (
     InvalidRequestError,
     Jv4Error,
-    ModelNotFoundError,
     PayloadTooLargeError,
 )
 from jv4_vllm.router.admission import until_disconnect
-from jv4_vllm.router.protocol import ErrorResponse, InputItem, PdfObject
+from jv4_vllm.router.protocol import ErrorResponse, InputItem, PdfObject, adapter_task
 from jv4_vllm.router.serving import RequestItems, read_items
 
 if TYPE_CHECKING:
@@ -83,13 +82,7 @@ class RerankRequest(BaseModel):
 
     def resolve_task(self, model_name: str, tasks: Sequence[str]) -> str:
         """The task from ``task`` and ``model`` (which may name one adapter)."""
-        adapter = None
-        if self.model is not None and self.model != model_name:
-            adapters = {f"{model_name}-{t}": t for t in tasks}
-            if self.model not in adapters:
-                raise ModelNotFoundError(
-                    f"model {self.model!r} is not served here; use one of {[model_name, *adapters]}", param="model")
-            adapter = adapters[self.model]
+        adapter = adapter_task(self.model, model_name, tasks)
         if self.task is None:
             return adapter or (DEFAULT_TASK if DEFAULT_TASK in tasks else tasks[0])
         if "." in self.task:
