@@ -90,9 +90,11 @@ async def test_replica_failover_and_recovery(vllm_stack, reference, parity_repor
             print(f"failover: {STREAM} sent, {STREAM - statuses.count(200)} failed, "
                   f"max latency {max(latencies) * 1000:.0f} ms, p50 {np.median(latencies) * 1000:.0f} ms")
 
-            # 2. every replica of a task down: 503 + Retry-After for it, other tasks keep working
+            # 2. every replica of a task down: 503 + Retry-After for it, other tasks keep working and
+            #    the router stays ready (per-task readiness), naming the task that is down
             async def lonely_code_down() -> bool:
-                return (await lonely_http.get("/ready")).status_code == 503
+                ready = await lonely_http.get("/ready")
+                return ready.status_code == 200 and ready.json()["tasks"]["code"] == "unavailable"
             await _wait_until(lonely_code_down)
             status, _, response = await _embed(lonely_http, "code.query", "anyone there?")
             assert status == 503 and float(response.headers["retry-after"]) > 0
@@ -106,7 +108,8 @@ async def test_replica_failover_and_recovery(vllm_stack, reference, parity_repor
             await asyncio.to_thread(wait_healthy, [extra_url], [restarted])
 
             async def lonely_ready() -> bool:
-                return (await lonely_http.get("/ready")).status_code == 200
+                ready = await lonely_http.get("/ready")
+                return ready.status_code == 200 and ready.json()["tasks"]["code"] == "ready"
             await _wait_until(lonely_ready)
             status, _, _ = await _embed(lonely_http, "code.query", "welcome back")
             assert status == 200

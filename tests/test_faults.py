@@ -43,7 +43,7 @@ class FaultyUpstream(FaultUpstream):
                 "shape": [tokens, self.hidden]}
         meta = {"data": [item], "usage": {"prompt_tokens": tokens}}
         if self.mode == "stall":
-            await asyncio.sleep(30)
+            await asyncio.sleep(5)  # far past the router's 1 s timeout
         if self.mode == "bad-metadata":
             return web.Response(body=rows, headers={"metadata": "{not json"})
         if self.mode == "wrong-size":

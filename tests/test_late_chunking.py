@@ -304,7 +304,8 @@ def test_late_chunking_truncate(router_url: str, reference, vllm_stack, parity_r
     from jv4_vllm.oracle.late_chunking import reference_late_chunking
 
     max_tokens, overlap = window_of(vllm_stack)
-    texts = ["A long first chunk about cats. " * 10, "The second chunk runs past the limit. " * 20]
+    repeats = 40 * max(1, max_tokens // 512)  # 20 repeats are about 600 tokens: twice the window
+    texts = ["A long first chunk about cats. " * 10, "The second chunk runs past the limit. " * repeats]
     payload = late_post(router_url, texts, truncate=True)
     ref = reference_late_chunking(reference, texts, "text-matching", "query", max_tokens=max_tokens,
                                   truncate=True, overlap=overlap)
