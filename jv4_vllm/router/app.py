@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +29,13 @@ from jv4_vllm.router.protocol import (
     ModelList,
 )
 from jv4_vllm.router.rerank import routes as rerank_routes
-from jv4_vllm.router.serving import decode_gate, embed_items, render_embeddings, request_items
+from jv4_vllm.router.serving import (
+    decode_gate,
+    embed_items,
+    off_loop_if_large,
+    render_embeddings,
+    request_items,
+)
 
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
@@ -70,9 +76,10 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
         items = await request_items(body, state.config.limits, state.decode_gate)
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
-        return await asyncio.to_thread(render_embeddings, result, model=body.model or engine.model_name,
-                                       embedding_type=body.output_type(), multivector=options.multivector,
-                                       pages=items.pages)
+        render = functools.partial(render_embeddings, result, model=body.model or engine.model_name,
+                                   embedding_type=body.output_type(), multivector=options.multivector,
+                                   pages=items.pages)
+        return await off_loop_if_large(render, result)
 
     finished, content = await until_disconnect(request, work())
     if not finished:

@@ -21,12 +21,20 @@ from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
-from jv4_vllm.router.protocol import BytesObject, EmbeddingsRequest, ImageObject, PdfObject, TextObject, UrlObject
+from jv4_vllm.router.protocol import (
+    BytesObject,
+    EmbeddingsRequest,
+    ImageObject,
+    PdfObject,
+    TextObject,
+    UrlObject,
+)
 
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
-__all__ = ["RequestItems", "decode_gate", "embed_items", "read_items", "render_embeddings", "request_items"]
+__all__ = ["RequestItems", "decode_gate", "embed_items", "off_loop_if_large", "read_items", "render_embeddings",
+           "request_items"]
 
 IMAGE_DECODE_CONCURRENCY = 4  # image decodes at once in the whole router (they share the CPU with pooling)
 
@@ -67,6 +75,16 @@ async def embed_items(engine: Engine, items: RequestItems, options: EmbedOptions
         if items.pages:
             rename_inputs(error, lambda position: f"input[{items.input_index(position)}]")
         raise
+
+
+INLINE_RENDER_VALUES = 65_536  # responses with more floats than this are rendered in a worker thread
+
+
+async def off_loop_if_large(render: Callable[[], bytes], result: EmbedResult) -> bytes:
+    """Render small responses on the event loop (a thread hop costs more than they do), large ones
+    in a worker thread so a long document's response never stalls the loop."""
+    values = sum(a.size for a in result.embeddings) + sum(a.size for a in result.multivectors or ())
+    return await asyncio.to_thread(render) if values > INLINE_RENDER_VALUES else render()
 
 
 async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
