@@ -20,9 +20,10 @@ from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import error_response
 
-__all__ = ["AdmissionMiddleware", "until_disconnect"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "AdmissionMiddleware", "until_disconnect"]
 
 T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"
 PROTECTED_PREFIX = "/v1/"
 PROTECTED_PATHS = frozenset({"/rerank"})  # aliases outside /v1/ that do model work
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})

@@ -17,16 +17,20 @@ from threadpoolctl import threadpool_limits
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
 from jv4_vllm.core.image_rules import model_image_limits
-from jv4_vllm.router.admission import AdmissionMiddleware, until_disconnect
+from jv4_vllm.router.admission import (
+    CLIENT_CLOSED_REQUEST,
+    AdmissionMiddleware,
+    until_disconnect,
+)
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
 from jv4_vllm.router.protocol import (
     EmbeddingsRequest,
     EmbeddingsResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
+    error_responses,
 )
 from jv4_vllm.router.rerank import routes as rerank_routes
 from jv4_vllm.router.serving import (
@@ -42,19 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["create_app", "run"]
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text} for status, text in {
-        400: "Invalid request: the message and param name the field or input index",
-        401: "Missing or invalid API key",
-        404: "Unknown model",
-        413: "Request body, image or input count over the limit",
-        429: "Overloaded; retry after Retry-After seconds",
-        502: "A vLLM replica failed or answered badly (retried once on another replica first)",
-        503: "No healthy backend for the task; retry after Retry-After seconds",
-        504: "The backend did not answer within the configured timeout",
-    }.items()
-}
+ERROR_RESPONSES = error_responses()
 
 routes = APIRouter()
 

@@ -44,7 +44,9 @@ __all__ = [
     "TextObject",
     "UrlObject",
     "Usage",
+    "ERROR_DESCRIPTIONS",
     "adapter_task",
+    "error_responses",
     "field_path",
 ]
 
@@ -214,6 +216,25 @@ class EmbeddingsRequest(_Schema):
                             multivector=self.return_multivector, truncate=self.truncate,
                             late_chunking=self.late_chunking,
                             dense_and_multivector=self.return_multivector and self.return_dense)
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request: the message and param name the field or input index",
+    401: "Missing or invalid API key",
+    404: "Unknown model",
+    413: "Request body, image or input count over the limit",
+    429: "Overloaded; retry after Retry-After seconds",
+    502: "A vLLM replica failed or answered badly (retried once on another replica first)",
+    503: "No healthy backend for the task; retry after Retry-After seconds",
+    504: "The backend did not answer within the configured timeout",
+}
+
+
+def error_responses(**overrides: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route: every error status with its body model (``s400="..."``
+    replaces one description)."""
+    texts = {**ERROR_DESCRIPTIONS, **{int(k[1:]): v for k, v in overrides.items()}}
+    return {status: {"model": ErrorResponse, "description": text} for status, text in texts.items()}
 
 
 def adapter_task(model: str | None, model_name: str, tasks: Sequence[str]) -> str | None:

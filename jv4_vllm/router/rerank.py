@@ -35,8 +35,13 @@ from jv4_vllm.errors import (
     Jv4Error,
     PayloadTooLargeError,
 )
-from jv4_vllm.router.admission import until_disconnect
-from jv4_vllm.router.protocol import ErrorResponse, InputItem, PdfObject, adapter_task
+from jv4_vllm.router.admission import CLIENT_CLOSED_REQUEST, until_disconnect
+from jv4_vllm.router.protocol import (
+    InputItem,
+    PdfObject,
+    adapter_task,
+    error_responses,
+)
 from jv4_vllm.router.serving import RequestItems, read_items
 
 if TYPE_CHECKING:
@@ -45,19 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["RerankRequest", "RerankResponse", "RerankResult", "RerankUsage", "rerank", "routes"]
 
 DEFAULT_TASK = "retrieval"
-CLIENT_CLOSED_REQUEST = 499
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text} for status, text in {
-        400: "Invalid request: the message and param name the field, query or documents[i]",
-        401: "Missing or invalid API key",
-        404: "Unknown model",
-        413: "Too many documents or PDF pages, or a document over the size limits",
-        429: "Overloaded; retry after Retry-After seconds",
-        502: "A vLLM replica failed or answered badly (retried once on another replica first)",
-        503: "No healthy backend for the task; retry after Retry-After seconds",
-        504: "The backend did not answer within the configured timeout",
-    }.items()
-}
+_RESPONSES = error_responses(
+    s400="Invalid request: the message and param name the field, query or documents[i]",
+    s413="Too many documents or PDF pages, or a document over the size limits")
 
 
 class RerankRequest(BaseModel):
