@@ -100,3 +100,20 @@ async def test_a_replica_failing_three_times_in_a_row_is_out_until_its_health_ch
         assert (one.calls, two.calls) == (3, 3)
         await pool.check_health()  # their /health still answers: back in, failures forgotten
         assert pool.healthy() and all(r.failures == 0 for r in pool.replicas)
+
+
+class DropsFirstConnection(Replica):
+    """Closes the connection without an answer on its first call (a kept-alive connection the server
+    dropped), then answers."""
+
+    async def pooling(self, request: web.Request) -> web.Response:
+        if self.calls == 1:
+            request.transport.close()
+            await asyncio.sleep(0.1)
+        return await super().pooling(request)
+
+
+async def test_a_dropped_connection_on_the_only_replica_is_retried_there():
+    async with DropsFirstConnection() as only, started_pool(only) as pool:
+        assert await pool.call("/pooling", {}, 1, read_body) == b"ok"
+        assert only.calls == 2 and pool.healthy()

@@ -10,10 +10,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from vllm_stack import InProcessServer, free_port, wait_healthy
 
 from jv4_vllm.deploy.launch import start_deployment, stop_children
 from jv4_vllm.router import create_app
-from vllm_stack import InProcessServer, free_port, wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -113,6 +114,13 @@ async def test_replica_failover_and_recovery(vllm_stack, reference, parity_repor
             await _wait_until(lonely_ready)
             status, _, _ = await _embed(lonely_http, "code.query", "welcome back")
             assert status == 200
+
+            async def both_see_it() -> bool:  # the two-replica router probes on its own schedule
+                text = (await http.get("/metrics")).text
+                return any(sample.labels.get("replica") == extra_url and sample.value == 1.0
+                           for family in text_string_to_metric_families(text)
+                           for sample in family.samples if sample.name == "jv4_backend_healthy")
+            await _wait_until(both_see_it)
             before = await _served_requests(extra_url)
             back = await asyncio.gather(*(_embed(http, "code.query", f"again {i}") for i in range(20)))
             assert all(status == 200 for status, _, _ in back)

@@ -32,6 +32,7 @@ __all__ = ["BackendRejection", "Replica", "ReplicaPool", "ReplicaStats"]
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns+"
 ERROR_BODY_LIMIT = 64 * 1024
+KEEPALIVE_S = 4.0
 EJECT_AFTER_FAILURES = 3  # 5xx answers in a row that take a replica out until its health check passes
 T = TypeVar("T")
 
@@ -126,7 +127,9 @@ class ReplicaPool:
         # aiohttp rather than httpx: measured under load, it costs the router less than half the
         # CPU per call. No proxies from the environment: replicas are reached directly.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            # Idle connections close before vLLM's server (uvicorn, 5 s keep-alive) closes them, so a
+            # request is not written into a connection the server is dropping.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s,
                                           connect=self.settings.connect_timeout_s),
         )
@@ -225,18 +228,23 @@ class ReplicaPool:
         """POST ``body`` to one replica and let ``consume`` read its 200 answer as it streams in.
 
         A refused or reset connection, or a 5xx, is retried once on another replica (vLLM's
-        message is kept); a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
+        message is kept); a connection dropped mid-request is retried on the same replica when
+        it is the only one; a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
         """
         payload = orjson.dumps(body)
         tried: set[int] = set()
         failure = ""
+        dropped: Replica | None = None  # a replica that dropped the connection mid-request
         for attempt in range(2):
             try:
                 replica = self._choose(tried)
             except BackendUnavailableError:
-                if attempt:
+                if attempt and dropped is not None and dropped.healthy:
+                    replica = dropped  # the only replica dropped one connection: once more on another
+                elif attempt:
                     break
-                raise
+                else:
+                    raise
             tried.add(id(replica))
             consumed = False
             replica.in_flight += 1
@@ -263,12 +271,15 @@ class ReplicaPool:
                 raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer within "
                                           f"{self.settings.request_timeout_s:g} s") from None
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError) as exc:  # refused, reset, or died
+                    aiohttp.ClientOSError) as exc:
                 if consumed:
                     raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
                 failure = f"{replica.url} failed ({type(exc).__name__}: {exc})"
                 replica.failures += 1
-                self._set_health(replica, False)
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                if refused or dropped is replica:  # down, or dropping connections twice in a row
+                    self._set_health(replica, False)
+                dropped = None if refused else replica
                 log.warning("%s: %s", self.task, failure)
             except aiohttp.ClientPayloadError as exc:
                 raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
