@@ -28,7 +28,7 @@ from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item
 from jv4_vllm.core.wire import pooling_wire_fields
 from jv4_vllm.errors import BackendError, InvalidRequestError, PayloadTooLargeError
 
-__all__ = ["POOLING_PATH", "Engine", "TaskRuntime"]
+__all__ = ["Engine", "TaskRuntime"]
 
 SLAB_BYTES = 1 << 20  # body bytes folded at a time (the most a call holds besides its results)
 # Bodies up to this size are folded on the event loop, a slab (a few ms) at a time: a worker-thread hop

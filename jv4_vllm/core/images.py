@@ -41,7 +41,8 @@ from jv4_vllm.core.image_rules import (
 from jv4_vllm.core.types import ImageInput
 from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
 
-__all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_image", "load_image", "read_image"]
+__all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_base64", "decode_image", "load_image",
+           "read_image"]
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image
 
@@ -127,17 +128,24 @@ def _from_pil(image: Image.Image, limits: LimitsConfig, index: int) -> ImageInpu
 # --- text forms: base64 and data URIs -----------------------------------------------
 
 
-def _from_base64(text: str, limits: LimitsConfig, index: int) -> bytes:
+def decode_base64(text: str, max_bytes: int, index: int, what: str = "image") -> bytes:
+    """Standard or URL-safe base64 (whitespace and missing padding tolerated) of an input file;
+    the decoded size is checked before decoding. Errors name ``input[index]`` and ``what`` it is."""
     compact = "".join(text.split())
     if not compact:
-        raise _invalid(index, "the image is an empty string", "invalid_image")
-    _check_byte_size(len(compact) * 3 // 4, limits, index)
+        raise _invalid(index, f"the {what} is an empty string", f"invalid_{what.lower()}")
+    if len(compact) * 3 // 4 > max_bytes:
+        raise _too_large(index, f"the {what} is larger than {max_bytes} bytes")
     compact += "=" * (-len(compact) % 4)
     altchars = b"-_" if ("-" in compact or "_" in compact) else None
     try:
         return base64.b64decode(compact, altchars=altchars, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _invalid(index, "the image is not valid base64 (nor a data URI or URL)", "invalid_base64") from exc
+        raise _invalid(index, f"the {what} is not valid base64 (nor a data URI or URL)", "invalid_base64") from exc
+
+
+def _from_base64(text: str, limits: LimitsConfig, index: int) -> bytes:
+    return decode_base64(text, limits.max_image_bytes, index)
 
 
 def _from_data_uri(uri: str, limits: LimitsConfig, index: int) -> bytes:

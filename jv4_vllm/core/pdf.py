@@ -17,8 +17,6 @@ process-wide lock, and all of it runs in worker threads (:func:`load_pdf`,
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import math
 import os
 import re
@@ -32,7 +30,7 @@ import pypdfium2.raw as pdfium_c
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.image_rules import DEFAULT_MAX_IMAGE_PIXELS
-from jv4_vllm.core.images import fetch_image_url, read_image
+from jv4_vllm.core.images import decode_base64, fetch_image_url, read_image
 from jv4_vllm.core.types import ImageInput
 from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
 
@@ -168,16 +166,7 @@ def _check_bytes(size: int, limits: LimitsConfig, index: int) -> None:
 
 
 def _from_base64(text: str, limits: LimitsConfig, index: int) -> bytes:
-    compact = "".join(text.split())
-    if not compact:
-        raise _invalid(index, "the PDF is an empty string")
-    _check_bytes(len(compact) * 3 // 4, limits, index)
-    compact += "=" * (-len(compact) % 4)
-    altchars = b"-_" if ("-" in compact or "_" in compact) else None
-    try:
-        return base64.b64decode(compact, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _invalid(index, "the PDF is not valid base64 (nor a data URI or URL)", "invalid_base64") from exc
+    return decode_base64(text, limits.max_pdf_bytes, index, what="PDF")
 
 
 def read_pdf_bytes(value: PdfSource, limits: LimitsConfig, index: int, allow_paths: bool = False) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jv4_vllm.core.wire import bf16_to_float32
 from jv4_vllm.errors import BackendError
 
 __all__ = ["BodyFolder", "PromptLayout", "RowSink", "parse_metadata"]
@@ -82,9 +83,7 @@ def widen(raw: bytes | bytearray | memoryview, layout: PromptLayout) -> np.ndarr
     float32 by shifting the bits (numpy has no bfloat16)."""
     order = ">" if layout.big_endian else "<"
     if layout.dtype == "bfloat16":
-        bits = np.frombuffer(raw, dtype=f"{order}u2").astype(np.uint32)
-        bits <<= 16
-        flat = bits.view(np.float32)
+        flat = bf16_to_float32(np.frombuffer(raw, dtype=f"{order}u2"))
     else:
         flat = np.frombuffer(raw, dtype=f"{order}f{_DTYPES[layout.dtype]}")
     return flat.reshape(-1, layout.width)

@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "EmbeddingType",
+    "bf16_to_float32",
     "decode_pooling_bytes",
     "decode_embedding_item",
     "decode_pooling_json",
@@ -38,7 +39,7 @@ def pooling_wire_fields(dtype: WireDType) -> dict[str, str]:
     return {"encoding_format": "bytes", "embed_dtype": dtype, "endianness": "little"}
 
 
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: widen by shifting the bits."""
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
@@ -49,7 +50,7 @@ def _decode_array(body: bytes | memoryview, item: dict[str, Any]) -> np.ndarray:
     big = item.get("endianness") == "big"
     if dtype_name == "bfloat16":
         raw = np.frombuffer(body, dtype=">u2" if big else "<u2", count=(end - start) // 2, offset=start)
-        return _bf16_to_f32(raw).reshape(shape)
+        return bf16_to_float32(raw).reshape(shape)
     if dtype_name not in _NUMPY_DTYPES:
         raise ValueError(f"unsupported embed_dtype {dtype_name!r} in vLLM response")
     dtype = _NUMPY_DTYPES[dtype_name].newbyteorder(">" if big else "<")
