@@ -51,6 +51,10 @@ class FaultyUpstream(FaultUpstream):
             return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
         if self.mode == "short-body":
             return web.Response(body=rows[: len(rows) // 2 + 1], headers={"metadata": json.dumps(meta)})
+        if self.mode == "overflow":  # what an fp16 overflow inside the model looks like on the wire
+            values = np.ones((tokens, self.hidden), dtype="<f2")
+            values[tokens // 2, 7] = np.inf
+            return web.Response(body=values.tobytes(), headers={"metadata": json.dumps(meta)})
         if self.mode == "500":
             return web.json_response({"error": {"message": "CUDA error: an illegal memory access"}}, status=500)
         return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
@@ -85,6 +89,15 @@ async def test_a_malformed_answer_is_a_502(prepared_dir: Path, mode: str) -> Non
     error = response.json()["error"]
     assert error["type"] == "backend_error" and "backend" in error["message"]
     assert upstream.calls == 1
+
+
+@pytest.mark.parametrize("multivector", [False, True])
+async def test_inf_in_the_hidden_states_is_a_502_naming_the_input(prepared_dir: Path, multivector: bool) -> None:
+    async with FaultyUpstream(hidden_size(prepared_dir), "overflow") as upstream, \
+            router(prepared_dir, [upstream.url]) as client:
+        response = await client.post("/v1/embeddings", json={**BODY, "return_multivector": multivector})
+    assert response.status_code == 502, response.text
+    assert "input[0]" in response.json()["error"]["message"] and "inf or NaN" in response.json()["error"]["message"]
 
 
 async def test_a_stall_is_a_504_and_is_not_retried(prepared_dir: Path) -> None:

@@ -193,10 +193,10 @@ class Engine:
                 raise BackendError("the backend did not answer for every input")
             if output.single:
                 for index, vector in zip(output.inputs, fold.single_vectors(options.dimensions, dims)):
-                    singles[index] = vector
+                    singles[index] = _finite(vector, index)
             if output.multi:
                 for index, matrix in zip(output.inputs, fold.multi_vectors()):
-                    multis[index] = matrix
+                    multis[index] = _finite(matrix, index)
         if options.dense_and_multivector:
             return EmbedResult(embeddings=singles, multivectors=multis, prompt_tokens=used)  # type: ignore[arg-type]
         chosen = multis if options.multivector else singles
@@ -211,3 +211,10 @@ class Engine:
         plan = Plan(calls=[], outputs=[output], inputs=1, tokens=rows.shape[0])
         return self._finish(runtime, plan, options, rows.shape[0]).embeddings[0]
 
+
+def _finite(values: np.ndarray, index: int) -> np.ndarray:
+    """A vector pooled from inf or NaN hidden states is garbage: refuse it rather than serve it."""
+    if not np.isfinite(values).all():
+        raise BackendError(f"input[{index}]: the backend's hidden states hold inf or NaN (an fp16 overflow "
+                           "in the model? serve it in bfloat16 or float32)")
+    return values

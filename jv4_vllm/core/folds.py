@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jv4_vllm.core.pooling import l2_normalize, truncate_matryoshka
+from jv4_vllm.core.pooling import EPS, l2_normalize, truncate_matryoshka
 
 __all__ = ["Projector", "SpanFold", "WindowSink"]
 
@@ -32,10 +32,14 @@ class Projector:
     def dim(self) -> int:
         return int(self.bias.shape[0])
 
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        projected = rows.astype(np.float32, copy=False) @ self.weight_t
-        projected += self.bias
-        return l2_normalize(projected)
+    def into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Project float32 ``rows`` ([n, H]) straight into ``out`` ([n, P]) and normalise them there:
+        no temporary the size of the result."""
+        np.matmul(rows, self.weight_t, out=out)
+        out += self.bias
+        norms = np.linalg.norm(out, axis=-1, keepdims=True)
+        np.maximum(norms, EPS, out=norms)
+        out /= norms
 
 
 class SpanFold:
@@ -55,18 +59,18 @@ class SpanFold:
         self._lock = threading.Lock()
 
     def feed(self, position: int, rows: np.ndarray) -> None:
-        """Rows ([n, H], float16 or float32) of positions ``position .. position + n``; sums accumulate
+        """Rows ([n, H], float32) of positions ``position .. position + n``; sums accumulate
         in float32 within a slab and float64 across slabs, projections run in float32."""
         end = position + rows.shape[0]
         partial: list[tuple[int, np.ndarray, int]] = []
         for k, (start, stop) in enumerate(self._single):
             lo, hi = max(start, position), min(stop, end)
             if lo < hi:
-                partial.append((k, rows[lo - position:hi - position].sum(axis=0, dtype=np.float32), hi - lo))
+                partial.append((k, rows[lo - position:hi - position].sum(axis=0), hi - lo))
         for k, (start, stop) in enumerate(self._multi):
             lo, hi = max(start, position), min(stop, end)
             if lo < hi:
-                self._rows[k][lo - start:hi - start] = self._projector(rows[lo - position:hi - position])  # type: ignore[misc]
+                self._projector.into(rows[lo - position:hi - position], self._rows[k][lo - start:hi - start])  # type: ignore[union-attr]
         if partial:
             with self._lock:
                 if self._sums.shape[1] == 0:

@@ -6,15 +6,15 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["l2_normalize", "mean_pool", "multi_vector", "single_vector", "truncate_matryoshka"]
+__all__ = ["EPS", "l2_normalize", "mean_pool", "multi_vector", "single_vector", "truncate_matryoshka"]
 
-_EPS = 1e-12
+EPS = 1e-12
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Normalise the last axis to unit length (rows of a matrix, or one vector)."""
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, _EPS)
+    return x / np.maximum(norm, EPS)
 
 
 def mean_pool(rows: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -76,7 +76,7 @@ class PromptBuilder:
 
     def tokenize_texts(self, texts: Sequence[str], role: Role) -> list[list[int]]:
         """Token ids of each text's full prompt (prefix included)."""
-        encodings = self._tokenizer.encode_batch([self.text_prompt(t, role) for t in texts])
+        encodings = self._tokenizer.encode_batch_fast([self.text_prompt(t, role) for t in texts])
         return [encoding.ids for encoding in encodings]
 
     def tokenize_capped(self, texts: Sequence[str], role: Role, limit: int) -> list[list[int]]:
@@ -91,7 +91,7 @@ class PromptBuilder:
         prompts = [self.text_prompt(t, role) for t in texts]
         short = [i for i, p in enumerate(prompts) if len(p) <= limit and len(p.encode("utf-8")) <= limit]
         out: list[list[int]] = [[] for _ in prompts]
-        for i, encoding in zip(short, self._tokenizer.encode_batch([prompts[i] for i in short])):
+        for i, encoding in zip(short, self._tokenizer.encode_batch_fast([prompts[i] for i in short])):
             out[i] = encoding.ids
         for i in sorted(set(range(len(prompts))) - set(short)):
             out[i] = self._head_ids(prompts[i], limit + 1)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from jv4_vllm.core.pdf import RenderedPdf
+from jv4_vllm.core.pooling import EPS
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, Role
 from jv4_vllm.errors import Jv4Error
 
@@ -45,7 +46,6 @@ Scoring = Literal["maxsim", "dense"]
 # Similarity blocks are bounded in size: an image query (hundreds of rows) against a thousand
 # page images would otherwise be a matrix of hundreds of millions of floats.
 _BLOCK_ELEMENTS = 1 << 22
-_EPS = 1e-12
 _INPUT_REF = re.compile(r"input\[(\d+)\]")
 
 
@@ -85,7 +85,7 @@ def maxsim_scores(query_rows: np.ndarray, documents: Sequence[np.ndarray]) -> np
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two vectors."""
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), _EPS))
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), EPS))
 
 
 def cosine_scores(query: np.ndarray, documents: Sequence[np.ndarray]) -> np.ndarray:
@@ -94,7 +94,7 @@ def cosine_scores(query: np.ndarray, documents: Sequence[np.ndarray]) -> np.ndar
         return np.empty(0, dtype=np.float64)
     matrix = np.stack([np.asarray(d, dtype=np.float32) for d in documents])
     q = np.asarray(query, dtype=np.float32)
-    norms = np.maximum(np.linalg.norm(matrix, axis=1) * np.linalg.norm(q), _EPS)
+    norms = np.maximum(np.linalg.norm(matrix, axis=1) * np.linalg.norm(q), EPS)
     return (matrix @ q / norms).astype(np.float64)
 
 

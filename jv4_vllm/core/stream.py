@@ -2,8 +2,8 @@
 
 vLLM answers ``encoding_format: bytes`` with a ``metadata`` header that gives, for every
 prompt, its dtype, byte range and shape, then a body of raw rows. :class:`BodyFolder` reads
-the header first, then takes body chunks as they come and hands whole rows (fp16 and fp32
-as views of the chunk, bf16 widened to float32) to each prompt's :class:`RowSink`. So the router holds at most
+the header first, then takes body chunks as they come and hands whole rows (float32: fp32 as
+views of the chunk, fp16 and bf16 widened one chunk at a time) to each prompt's :class:`RowSink`. So the router holds at most
 one slab and one partial row per call, never a request's whole hidden states.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jv4_vllm.core.wire import bf16_to_float32
+from jv4_vllm.core.wire import bf16_to_float32, fp16_to_float32
 from jv4_vllm.errors import BackendError
 
 __all__ = ["BodyFolder", "PromptLayout", "RowSink", "parse_metadata"]
@@ -24,7 +24,7 @@ _DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 class RowSink(Protocol):
-    """Receives one prompt's rows in order: ``rows`` are float16 or float32, the first is row ``start``."""
+    """Receives one prompt's rows in order: ``rows`` are float32, the first is row ``start``."""
 
     def feed(self, start: int, rows: np.ndarray) -> None: ...
 
@@ -79,13 +79,15 @@ def _layout(item: dict[str, Any]) -> PromptLayout:
 
 
 def widen(raw: bytes | bytearray | memoryview, layout: PromptLayout) -> np.ndarray:
-    """Whole rows of raw bytes as an [n, width] array: fp16/fp32 as views (no copy), bf16 widened to
-    float32 by shifting the bits (numpy has no bfloat16)."""
+    """Whole rows of raw bytes as a float32 [n, width] array: fp32 as a view (no copy), fp16 and
+    bf16 widened (one slab at a time, so the copy is bounded by the slab)."""
     order = ">" if layout.big_endian else "<"
     if layout.dtype == "bfloat16":
         flat = bf16_to_float32(np.frombuffer(raw, dtype=f"{order}u2"))
+    elif layout.dtype == "float16":
+        flat = fp16_to_float32(np.frombuffer(raw, dtype=f"{order}i2"))
     else:
-        flat = np.frombuffer(raw, dtype=f"{order}f{_DTYPES[layout.dtype]}")
+        flat = np.frombuffer(raw, dtype=f"{order}f4")
     return flat.reshape(-1, layout.width)
 
 
