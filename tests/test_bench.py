@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ def test_ratios_and_ceiling_are_reported(report, bench_out):
         assert report["ratios"][name]["value"] is not None, name
     passage = report["ceiling"]["passage"]
     assert passage["body_bytes"] == 2 * report["ceiling"]["hidden_size"] * passage["tokens_per_item"]
-    assert sorted(passage["router"]) == sorted([*MODES, "multi, 1 BLAS thread"])
+    pinned = ["multi, OpenBLAS's own kernel"] if "OPENBLAS_CORETYPE" in os.environ else []
+    assert sorted(passage["router"]) == sorted([*MODES, *pinned])
+    assert all(variant["blas_kernel"] for variant in passage["router"].values())
     for summary in passage["router"].values():
         assert summary["errors"] == 0 and summary["items"] > 0
         assert summary["hidden_mb_per_cpu_s"] > 0 and summary["tokens_per_cpu_s"] > 0

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,8 @@ __all__ = ["Recording", "measure_ceiling", "record_response"]
 
 log = logging.getLogger(__name__)
 MB = 1e6
-# Multi-vector projection is a BLAS matmul; a multi-threaded BLAS fights the event loop for the cores.
-ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# OpenBLAS reads this once, at load: an environment that sets it pins every numpy process to one kernel.
+PINNED_KERNEL = "OPENBLAS_CORETYPE"
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,8 @@ class _Ceiling:
         return meter, direct, bench_config(self.settings, upstream_url=url), url
 
     def _router(self, config: Config, name: str, meter: CpuMeter | None = None,
-                profile_to: Path | None = None, env: dict[str, str] | None = None) -> tuple[Any, RouterPath]:
-        child, url = self.stack.start_router(config, name, profile_to=profile_to, env=env)
+                profile_to: Path | None = None, unset_env: tuple[str, ...] = ()) -> tuple[Any, RouterPath]:
+        child, url = self.stack.start_router(config, name, profile_to=profile_to, unset_env=unset_env)
         if meter is not None:
             meter.watch("router", child.process.pid)
         return child, RouterPath(url, config.model_name, self.settings.task, self.http)
@@ -111,17 +114,19 @@ class _Ceiling:
         out["replay_direct"] = _summary(await closed_loop(direct.send, requests, c, s.ceiling_s, meter),
                                         recording, "replay")
         out["router"] = {}
-        variants = [(mode, mode, None) for mode in s.modes]
-        if "multi" in s.modes:
-            variants.append(("multi, 1 BLAS thread", "multi", ONE_BLAS_THREAD))
-        for label, mode, env in variants:
-            router, path = self._router(config, "bench-router-replay", meter, env=env)
+        variants: list[tuple[str, str, tuple[str, ...]]] = [(mode, mode, ()) for mode in s.modes]
+        if "multi" in s.modes and PINNED_KERNEL in os.environ:
+            # The projection's speed depends on the kernel; show the CPU's own choice beside the pinned one.
+            variants.append(("multi, OpenBLAS's own kernel", "multi", (PINNED_KERNEL,)))
+        for label, mode, unset in variants:
+            router, path = self._router(config, "bench-router-replay", meter, unset_env=unset)
             requests = [path.request(passages, mode, [0])]
             for _ in range(2):  # warm-up
                 await path.send(requests[0])
             log.info("ceiling: router + replay, passages, %s, c=%d", label, c)
-            out["router"][label] = _summary(await closed_loop(path.send, requests, c, s.ceiling_s, meter),
-                                            recording, "router")
+            out["router"][label] = {
+                **_summary(await closed_loop(path.send, requests, c, s.ceiling_s, meter), recording, "router"),
+                "blas_kernel": blas_kernel(unset)}
             self.stack.stop(router)
         if s.profile_s > 0:
             profile = s.out / "router-profile.txt"
@@ -156,6 +161,21 @@ class _Ceiling:
             "router": _summary(routed, recording, "router"),
             "added_p50_ms": router_p50 - direct_p50 if router_p50 is not None and direct_p50 is not None else None,
         }
+
+
+def blas_kernel(unset_env: tuple[str, ...] = ()) -> str | None:
+    """The BLAS kernel numpy loads in a process started with this environment less ``unset_env``
+    (what a router started the same way multiplies with)."""
+    probe = ("import json, numpy, threadpoolctl; print(json.dumps([p.get('architecture') for p in "
+             "threadpoolctl.threadpool_info() if p.get('user_api') == 'blas']))")
+    environment = {k: v for k, v in os.environ.items() if k not in unset_env}
+    done = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                          timeout=60, check=False)
+    try:
+        kernels = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return kernels[0] if kernels else None
 
 
 async def measure_ceiling(settings: BenchSettings, stack: Stack, http: httpx.AsyncClient,

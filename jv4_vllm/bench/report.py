@@ -174,14 +174,15 @@ def _ratio_table(report: dict[str, Any]) -> list[str]:
 
 
 def _ceiling_table(passage: dict[str, Any]) -> list[str]:
-    lines = ["| upstream | items/s | hidden MB/s | tokens/s | router CPU cores | router MB/s per core | "
-             "router tokens/s per core | router CPU ms/item |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| upstream | BLAS kernel | items/s | hidden MB/s | tokens/s | router CPU cores | router MB/s per core | "
+             "router tokens/s per core | router CPU ms/item |", "|---|---|---|---|---|---|---|---|---|"]
     entries = [("replay alone", passage["replay_direct"])]
     entries += [(f"router + replay ({mode})", s) for mode, s in passage["router"].items()]
     for name, s in entries:
         is_router = name.startswith("router")
         lines.append("| " + " | ".join([
-            name, _fmt(s["items_per_s"]), _fmt(s["hidden_mb_per_s"]), _fmt(s["tokens_per_s"], 0),
+            name, s.get("blas_kernel") or "-", _fmt(s["items_per_s"]), _fmt(s["hidden_mb_per_s"]),
+            _fmt(s["tokens_per_s"], 0),
             _fmt(s["cpu_cores_used"], 2) if is_router else "-",
             _fmt(s["hidden_mb_per_cpu_s"]) if is_router else "-",
             _fmt(s["tokens_per_cpu_s"], 0) if is_router else "-",

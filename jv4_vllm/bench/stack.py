@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
@@ -75,8 +76,9 @@ class Stack:
         return child, url
 
     def start_router(self, config: Config, name: str, profile_to: Path | None = None,
-                     env: dict[str, str] | None = None) -> tuple[Child, str]:
-        """A real router process (``jv4-vllm router``), optionally under pyinstrument or with extra env."""
+                     unset_env: Collection[str] = ()) -> tuple[Child, str]:
+        """A real router process (``jv4-vllm router``), optionally under pyinstrument or without some
+        of this environment's variables."""
         self.log_dir.mkdir(parents=True, exist_ok=True)  # nothing may have been started yet (--vllm-url)
         config_path = self.log_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
@@ -86,7 +88,7 @@ class Stack:
         if profile_to is not None:
             command = [sys.executable, "-m", "pyinstrument", "--renderer", "text", "--outfile", str(profile_to),
                        *command[1:]]
-        child = self._spawn(name, command, env)
+        child = self._spawn(name, command, unset=unset_env)
         url = f"http://{config.router.host}:{config.router.port}"
         wait_until_up([f"{url}/ready"], [child], STARTUP_TIMEOUT_S)
         return child, url
@@ -100,7 +102,7 @@ class Stack:
         wait_until_up([f"{url}/health"], [child], STARTUP_TIMEOUT_S)
         return child, url
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
-        child = spawn(name, command, self.log_dir, env)
+    def _spawn(self, name: str, command: list[str], unset: Collection[str] = ()) -> Child:
+        child = spawn(name, command, self.log_dir, unset=unset)
         self.children.append(child)
         return child

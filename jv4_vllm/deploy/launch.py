@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -63,15 +63,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(name: str, command: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Child:
-    """Start ``command`` in the background, ``env`` over this environment, output to ``log_dir/name.log``."""
+def spawn(name: str, command: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
+          unset: Collection[str] = ()) -> Child:
+    """Start ``command`` in the background, ``env`` over this environment less ``unset``, output to
+    ``log_dir/name.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")
     log_file.write(f"$ {shlex.join(command)}\n".encode())
     log_file.flush()
     # Own process group: stopping it reaches the server's helpers too.
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log_file,
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    process = subprocess.Popen(command, env=environment, stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return Child(name, process, log_path, log_file)
 
