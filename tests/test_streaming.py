@@ -14,6 +14,7 @@ from jv4_vllm.core import pooling
 from jv4_vllm.core.admission import CallMeter, TokenBudget
 from jv4_vllm.core.folds import Projector, SpanFold, WindowSink
 from jv4_vllm.core.stream import BodyFolder, parse_metadata
+from jv4_vllm.core.wire import fp16_to_float32
 from jv4_vllm.errors import BackendError, OverloadedError
 
 RNG = np.random.default_rng(7)
@@ -44,6 +45,19 @@ def wire_rows(rows: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (np.frombuffer(bf16_bytes(rows), "<u2").astype(np.uint32) << 16).view(np.float32).reshape(rows.shape)
     return rows.astype({"float16": np.float16, "float32": np.float32}[dtype]).astype(np.float32)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_fp16_widening_equals_numpys_cast_bit_for_bit(order: str) -> None:
+    """Every one of the 65,536 fp16 bit patterns: finite ones by the shift-and-multiply path,
+    and a slab holding inf or NaN by numpy's own cast."""
+    patterns = np.arange(1 << 16, dtype=np.uint16)
+    halves = patterns.view(np.float16)
+    for chosen in (patterns[np.isfinite(halves)], patterns):
+        wire = chosen.astype(f"{order}u2").view(f"{order}i2")
+        got = fp16_to_float32(wire)
+        want = chosen.view(np.float16).astype(np.float32)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

@@ -184,3 +184,36 @@ def test_prepare_tasks_by_flag_or_by_jv4_tasks(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("JV4_TASKS", "retrieval, text-matching code")
     assert cli._names(cli._parser().parse_args(base).tasks) == ["retrieval", "text-matching", "code"]
     assert cli._names(cli._parser().parse_args([*base, "--tasks", "code,retrieval"]).tasks) == ["code", "retrieval"]
+
+
+_ROUTER_PROCESS_PROBE = """
+import ctypes, ctypes.util, json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+if sys.argv[1] == "tuned":
+    from jv4_vllm.router.process import tune_process
+    tune_process()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblkhd
+slab = np.ones(10 << 20, dtype=np.uint8)  # a request-sized buffer
+mapped = libc.mallinfo2().hblkhd - before
+print(json.dumps({"mapped": mapped, "blas_threads": [p["num_threads"] for p in threadpool_info()
+                                                     if p["user_api"] == "blas"]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_the_router_process_keeps_request_sized_buffers_on_its_heap_and_runs_one_blas_thread() -> None:
+    def probe(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _ROUTER_PROCESS_PROBE, mode], capture_output=True, text=True,
+                              check=True)
+        return json.loads(done.stdout)
+
+    default, tuned = probe("default"), probe("tuned")
+    assert default["mapped"] >= 10 << 20  # glibc's default: fresh pages from the kernel, every time
+    assert tuned["mapped"] == 0 and tuned["blas_threads"] == [1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +12,6 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
-from threadpoolctl import threadpool_info, threadpool_limits
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
@@ -26,6 +24,7 @@ from jv4_vllm.router.admission import (
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
+from jv4_vllm.router.process import freeze_startup_objects, tune_process
 from jv4_vllm.router.protocol import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -46,8 +45,6 @@ if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
 __all__ = ["create_app", "run"]
-
-log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = error_responses()
 
@@ -131,10 +128,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
         from jv4_vllm.core.engine import Engine
 
         app.state.engine = await Engine.start(config)
-        # Everything loaded so far lives as long as the process: keep it out of the collector's
-        # full scans, which otherwise walk every module, model and schema object again and again.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_objects()
         try:
             yield
         finally:
@@ -161,13 +155,6 @@ def run(config: Config) -> None:
     level = config.router.log_level.lower()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level.upper())
-    # One BLAS thread: the router's matrix products are small, and a BLAS thread pool per
-    # request fights the event loop (and vLLM, on a shared machine) for cores.
-    # Measured: multi-vector projection 79 ms of CPU per passage with the pool, 5.8 ms without.
-    threadpool_limits(1)
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas":
-            log.info("numpy BLAS: %s %s, %s kernel, %d thread(s)", pool.get("internal_api"), pool.get("version"),
-                     pool.get("architecture"), pool.get("num_threads"))
+    tune_process()
     uvicorn.run(create_app(config), host=config.router.host, port=config.router.port, loop="uvloop",
                 http="httptools", log_level=level, timeout_graceful_shutdown=10)
