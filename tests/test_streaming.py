@@ -81,6 +81,17 @@ def test_folding_any_chunking_equals_pooling_the_whole_body(dtype: str, chunk: i
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_fp16_rows_fed_directly_are_summed_in_float32() -> None:
+    """Rows pooled elsewhere (``Engine.pool``) may arrive as fp16: an fp16 running sum would lose
+    digits over long spans."""
+    rows = RNG.standard_normal((4096, H)).astype(np.float16)
+    fold = SpanFold([(0, rows.shape[0])])
+    WindowSink(fold).feed(0, rows)
+    want = pooling.l2_normalize(rows.astype(np.float64).mean(axis=0))
+    got = fold.single_vectors(None, ())[0]
+    assert float(got @ want) > 1 - 1e-9
+
+
 def test_windows_drop_their_overlap_and_fill_every_position() -> None:
     rows = RNG.standard_normal((10, H)).astype(np.float32)
     fold = SpanFold([(0, 4), (4, 10)], [(0, 4), (4, 10)], Projector(WEIGHT, BIAS))

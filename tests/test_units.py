@@ -199,7 +199,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.mallinfo2.restype = MallInfo2
 before = libc.mallinfo2().hblkhd
-slab = np.ones(10 << 20, dtype=np.uint8)  # a request-sized buffer
+slab = np.ones(3 << 20, dtype=np.uint8)  # a slab's widening
 mapped = libc.mallinfo2().hblkhd - before
 print(json.dumps({"mapped": mapped, "blas_threads": [p["num_threads"] for p in threadpool_info()
                                                      if p["user_api"] == "blas"]}))
@@ -215,5 +215,5 @@ def test_the_router_process_keeps_request_sized_buffers_on_its_heap_and_runs_one
         return json.loads(done.stdout)
 
     default, tuned = probe("default"), probe("tuned")
-    assert default["mapped"] >= 10 << 20  # glibc's default: fresh pages from the kernel, every time
+    assert default["mapped"] >= 3 << 20  # glibc's default: fresh pages from the kernel
     assert tuned["mapped"] == 0 and tuned["blas_threads"] == [1]

@@ -207,7 +207,7 @@ class Engine:
         runtime = self.runtime(task)
         output = Output(inputs=[0], single=not options.multivector, multi=options.multivector)
         fold = self._planner.fold_for(runtime, output, rows.shape[0], is_image)
-        WindowSink(fold).feed(0, np.asarray(rows))
+        WindowSink(fold).feed(0, np.asarray(rows, dtype=np.float32))
         plan = Plan(calls=[], outputs=[output], inputs=1, tokens=rows.shape[0])
         return self._finish(runtime, plan, options, rows.shape[0]).embeddings[0]
 

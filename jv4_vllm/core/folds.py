@@ -59,14 +59,15 @@ class SpanFold:
         self._lock = threading.Lock()
 
     def feed(self, position: int, rows: np.ndarray) -> None:
-        """Rows ([n, H], float32) of positions ``position .. position + n``; sums accumulate
+        """Rows ([n, H], float32; fp16 rows are summed in float32 too) of positions
+        ``position .. position + n``; sums accumulate
         in float32 within a slab and float64 across slabs, projections run in float32."""
         end = position + rows.shape[0]
         partial: list[tuple[int, np.ndarray, int]] = []
         for k, (start, stop) in enumerate(self._single):
             lo, hi = max(start, position), min(stop, end)
             if lo < hi:
-                partial.append((k, rows[lo - position:hi - position].sum(axis=0), hi - lo))
+                partial.append((k, rows[lo - position:hi - position].sum(axis=0, dtype=np.float32), hi - lo))
         for k, (start, stop) in enumerate(self._multi):
             lo, hi = max(start, position), min(stop, end)
             if lo < hi:

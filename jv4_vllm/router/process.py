@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Buffers below this come from the heap, not fresh pages: a slab (1 MB), its float32 widening
-# (2 MB) and a large result all stay under it.
-MAP_FROM_BYTES = 16 << 20
-# Free memory kept at the top of each heap for the next request instead of returned to the OS.
+# Buffers below this come from the heap, not fresh pages: a slab (1 MB) and its float32 widening
+# (2 MB) stay under it. Bigger ones (a long document's results) are rare enough to map afresh.
+MAP_FROM_BYTES = 4 << 20
+# Free memory kept at the top of each heap for the next requests instead of returned to the OS:
+# enough for the slabs of a few dozen concurrent passages (measured: page faults per multi-vector
+# passage fell from 100 to 45 going from 8 MB to this).
 KEEP_FREED_BYTES = 32 << 20
 
 
@@ -44,8 +46,8 @@ def tune_process() -> None:
 def _keep_freed_memory() -> None:
     """glibc maps buffers over its (adaptive) threshold fresh from the kernel and trims freed heap
     tops back to it; a request-sized buffer is then page-faulted in again on every request.
-    Measured on the replay ceiling: 60-540 page faults and up to 1 ms of kernel time per passage
-    with the defaults, 1-40 faults with these settings. Only glibc has mallopt; elsewhere nothing
+    Measured on the replay ceiling: 17-540 page faults and up to 1 ms of kernel time per passage
+    with the defaults; 1 (single-vector) and 40-55 (multi-vector) with these settings. Only glibc has mallopt; elsewhere nothing
     changes."""
     if platform.libc_ver()[0] != "glibc":
         return
