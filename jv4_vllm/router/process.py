@@ -46,7 +46,7 @@ def tune_process() -> None:
 def _keep_freed_memory() -> None:
     """glibc maps buffers over its (adaptive) threshold fresh from the kernel and trims freed heap
     tops back to it; a request-sized buffer is then page-faulted in again on every request.
-    Measured on the replay ceiling: 17-540 page faults and up to 1 ms of kernel time per passage
+    Measured on the replay ceiling: 9-670 page faults and up to 1 ms of kernel time per passage
     with the defaults; 1 (single-vector) and 40-55 (multi-vector) with these settings. Only glibc has mallopt; elsewhere nothing
     changes."""
     if platform.libc_ver()[0] != "glibc":
