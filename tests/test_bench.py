@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jv4_vllm.bench import main
+from jv4_vllm.bench.ceiling import PINNED_KERNEL
 from jv4_vllm.bench.settings import ALL_PATHS, MODES, WORKLOADS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -71,7 +72,7 @@ def test_ratios_and_ceiling_are_reported(report, bench_out):
         assert report["ratios"][name]["value"] is not None, name
     passage = report["ceiling"]["passage"]
     assert passage["body_bytes"] == 2 * report["ceiling"]["hidden_size"] * passage["tokens_per_item"]
-    pinned = ["multi, OpenBLAS's own kernel"] if "OPENBLAS_CORETYPE" in os.environ else []
+    pinned = ["multi, OpenBLAS's own kernel"] if PINNED_KERNEL in os.environ else []
     assert sorted(passage["router"]) == sorted([*MODES, *pinned])
     assert all(variant["blas_kernel"] for variant in passage["router"].values())
     for summary in passage["router"].values():

@@ -166,8 +166,8 @@ class _Ceiling:
 def blas_kernel(unset_env: tuple[str, ...] = ()) -> str | None:
     """The BLAS kernel numpy loads in a process started with this environment less ``unset_env``
     (what a router started the same way multiplies with)."""
-    probe = ("import json, numpy, threadpoolctl; print(json.dumps([p.get('architecture') for p in "
-             "threadpoolctl.threadpool_info() if p.get('user_api') == 'blas']))")
+    probe = ("import json; from jv4_vllm.router.process import blas_pools; "
+             "print(json.dumps([pool.get('architecture') for pool in blas_pools()]))")
     environment = {k: v for k, v in os.environ.items() if k not in unset_env}
     done = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
                           timeout=60, check=False)

@@ -37,9 +37,7 @@ class Projector:
         no temporary the size of the result."""
         np.matmul(rows, self.weight_t, out=out)
         out += self.bias
-        norms = np.linalg.norm(out, axis=-1, keepdims=True)
-        np.maximum(norms, EPS, out=norms)
-        out /= norms
+        l2_normalize(out, out=out)
 
 
 class SpanFold:

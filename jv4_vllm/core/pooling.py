@@ -11,10 +11,12 @@ __all__ = ["EPS", "l2_normalize", "mean_pool", "multi_vector", "single_vector", 
 EPS = 1e-12
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Normalise the last axis to unit length (rows of a matrix, or one vector)."""
+def l2_normalize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Normalise the last axis to unit length (rows of a matrix, or one vector); ``out=x``
+    normalises in place."""
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, EPS)
+    np.maximum(norm, EPS, out=norm)
+    return np.divide(x, norm, out=out)
 
 
 def mean_pool(rows: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:

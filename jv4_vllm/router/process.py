@@ -15,7 +15,7 @@ import platform
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
-__all__ = ["KEEP_FREED_BYTES", "MAP_FROM_BYTES", "freeze_startup_objects", "tune_process"]
+__all__ = ["KEEP_FREED_BYTES", "MAP_FROM_BYTES", "blas_pools", "freeze_startup_objects", "tune_process"]
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,23 @@ def tune_process() -> None:
     # A BLAS thread pool per request fights the event loop (and vLLM, on a shared machine) for
     # cores. Measured: multi-vector projection 79 ms of CPU per passage with the pool, 5.8 ms without.
     threadpool_limits(1)
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas":
-            log.info("numpy BLAS: %s %s, %s kernel, %d thread(s)", pool.get("internal_api"), pool.get("version"),
-                     pool.get("architecture"), pool.get("num_threads"))
+    for pool in blas_pools():
+        log.info("numpy BLAS: %s %s, %s kernel, %d thread(s)", pool.get("internal_api"), pool.get("version"),
+                 pool.get("architecture"), pool.get("num_threads"))
     _keep_freed_memory()
+
+
+def blas_pools() -> list[dict]:
+    """What numpy's BLAS is in this process: library, version, kernel (``architecture``), threads."""
+    return [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
 
 
 def _keep_freed_memory() -> None:
     """glibc maps buffers over its (adaptive) threshold fresh from the kernel and trims freed heap
     tops back to it; a request-sized buffer is then page-faulted in again on every request.
     Measured on the replay ceiling: 9-670 page faults and up to 1 ms of kernel time per passage
-    with the defaults; 1 (single-vector) and 40-55 (multi-vector) with these settings. Only glibc has mallopt; elsewhere nothing
-    changes."""
+    with the defaults; 1 (single-vector) and 40-55 (multi-vector) with these settings. Only glibc
+    has mallopt; elsewhere nothing changes."""
     if platform.libc_ver()[0] != "glibc":
         return
     name = ctypes.util.find_library("c")
