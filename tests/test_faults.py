@@ -19,12 +19,14 @@ from fault_upstream import FaultUpstream
 from vllm_stack import InProcessServer
 
 from jv4_vllm.config import Config
+from jv4_vllm.core import engine as engine_module
 from jv4_vllm.deploy.launch import free_port
 from jv4_vllm.router import create_app
 
 pytestmark = pytest.mark.timeout(180)
 
 TASK = "retrieval"
+RNG_ROWS = np.random.default_rng(3)
 BODY = {"input": ["hello there"], "task": f"{TASK}.passage"}
 
 
@@ -55,6 +57,14 @@ class FaultyUpstream(FaultUpstream):
             values = np.ones((tokens, self.hidden), dtype="<f2")
             values[tokens // 2, 7] = np.inf
             return web.Response(body=values.tobytes(), headers={"metadata": json.dumps(meta)})
+        if self.mode == "drop-once" and self.calls == 1:  # the replica dies halfway through its answer
+            values = RNG_ROWS.standard_normal((tokens, self.hidden)).astype("<f2").tobytes()
+            response = web.StreamResponse(headers={"metadata": json.dumps(meta)})
+            response.content_length = len(values)
+            await response.prepare(request)
+            await response.write(values[: len(values) // 2])
+            request.transport.close()
+            return response
         if self.mode == "500":
             return web.json_response({"error": {"message": "CUDA error: an illegal memory access"}}, status=500)
         return web.Response(body=rows, headers={"metadata": json.dumps(meta)})
@@ -98,6 +108,24 @@ async def test_inf_in_the_hidden_states_is_a_502_naming_the_input(prepared_dir: 
         response = await client.post("/v1/embeddings", json={**BODY, "return_multivector": multivector})
     assert response.status_code == 502, response.text
     assert "input[0]" in response.json()["error"]["message"] and "inf or NaN" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("multivector", [False, True])
+async def test_an_answer_broken_off_midway_is_retried_and_leaves_no_trace(
+        prepared_dir: Path, multivector: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small slabs, so rows of the broken answer are folded before the connection drops; the
+    retry's vector must equal a clean answer's, not carry the first attempt's rows too."""
+    monkeypatch.setattr(engine_module, "SLAB_BYTES", 256)
+    body = {"input": ["hello there " * 20], "task": f"{TASK}.passage", "return_multivector": multivector}
+    hidden = hidden_size(prepared_dir)
+    async with FaultyUpstream(hidden, "ok") as clean, router(prepared_dir, [clean.url]) as client:
+        want = (await client.post("/v1/embeddings", json=body)).json()["data"][0]
+    async with FaultyUpstream(hidden, "drop-once") as flaky, router(prepared_dir, [flaky.url]) as client:
+        response = await client.post("/v1/embeddings", json=body)
+    assert response.status_code == 200, response.text
+    assert flaky.calls == 2
+    key = "embeddings" if multivector else "embedding"
+    np.testing.assert_array_equal(np.asarray(response.json()["data"][0][key]), np.asarray(want[key]))
 
 
 async def test_a_stall_is_a_504_and_is_not_retried(prepared_dir: Path) -> None:

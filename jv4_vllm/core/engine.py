@@ -23,7 +23,7 @@ from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
 from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.replicas import BackendRejection, ReplicaPool, ReplicaStats
 from jv4_vllm.core.spec import TaskSpec, load_task_spec
-from jv4_vllm.core.stream import BodyFolder, parse_metadata
+from jv4_vllm.core.stream import BodyFolder, RowSink, parse_metadata
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item
 from jv4_vllm.core.wire import pooling_wire_fields
 from jv4_vllm.errors import BackendError, InvalidRequestError, PayloadTooLargeError
@@ -160,11 +160,14 @@ class Engine:
                         folder.take(slab)
                     else:
                         await asyncio.to_thread(folder.take, slab)
-            except asyncio.IncompleteReadError:
-                raise BackendError("the backend's body ended before the rows its metadata announces") from None
-            if await response.content.read(1):
-                raise BackendError("the backend's body is longer than its metadata says")
-            folder.finish()
+                if await response.content.read(1):
+                    raise BackendError("the backend's body is longer than its metadata says")
+                folder.finish()
+            except BaseException as exc:
+                _withdraw(sinks)  # a dropped connection is retried: leave no trace of this attempt
+                if isinstance(exc, asyncio.IncompleteReadError):
+                    raise BackendError("the backend's body ended before the rows its metadata announces") from None
+                raise
             return used
 
         try:
@@ -207,9 +210,14 @@ class Engine:
         runtime = self.runtime(task)
         output = Output(inputs=[0], single=not options.multivector, multi=options.multivector)
         fold = self._planner.fold_for(runtime, output, rows.shape[0], is_image)
-        WindowSink(fold).feed(0, np.asarray(rows, dtype=np.float32))
+        WindowSink(fold).feed(0, np.asarray(rows))
         plan = Plan(calls=[], outputs=[output], inputs=1, tokens=rows.shape[0])
         return self._finish(runtime, plan, options, rows.shape[0]).embeddings[0]
+
+
+def _withdraw(sinks: dict[int, RowSink]) -> None:
+    for sink in sinks.values():
+        sink.withdraw()
 
 
 def _finite(values: np.ndarray, index: int) -> np.ndarray:

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jv4_vllm.core.pooling import EPS, l2_normalize, truncate_matryoshka
+from jv4_vllm.core.pooling import l2_normalize, truncate_matryoshka
 
 __all__ = ["Projector", "SpanFold", "WindowSink"]
 
 Span = tuple[int, int]
+Partial = tuple[int, np.ndarray, int]  # (single span, float32 sum of its rows in one slab, rows)
 
 
 class Projector:
@@ -56,12 +57,12 @@ class SpanFold:
             if projector is not None else []
         self._lock = threading.Lock()
 
-    def feed(self, position: int, rows: np.ndarray) -> None:
+    def feed(self, position: int, rows: np.ndarray) -> list[Partial]:
         """Rows ([n, H], float32; fp16 rows are summed in float32 too) of positions
-        ``position .. position + n``; sums accumulate
-        in float32 within a slab and float64 across slabs, projections run in float32."""
+        ``position .. position + n``; sums accumulate in float32 within a slab and float64 across
+        slabs, projections run in float32. Returns what was added to the sums."""
         end = position + rows.shape[0]
-        partial: list[tuple[int, np.ndarray, int]] = []
+        partial: list[Partial] = []
         for k, (start, stop) in enumerate(self._single):
             lo, hi = max(start, position), min(stop, end)
             if lo < hi:
@@ -71,12 +72,22 @@ class SpanFold:
             if lo < hi:
                 self._projector.into(rows[lo - position:hi - position], self._rows[k][lo - start:hi - start])  # type: ignore[union-attr]
         if partial:
-            with self._lock:
-                if self._sums.shape[1] == 0:
-                    self._sums = np.zeros((len(self._single), rows.shape[1]), dtype=np.float64)
-                for k, total, count in partial:
-                    self._sums[k] += total
-                    self._counts[k] += count
+            self._add(partial, sign=1)
+        return partial
+
+    def withdraw(self, partial: list[Partial]) -> None:
+        """Take back sums that :meth:`feed` returned (a call that broke off is retried in full;
+        its multi-vector rows are simply written again)."""
+        if partial:
+            self._add(partial, sign=-1)
+
+    def _add(self, partial: list[Partial], sign: int) -> None:
+        with self._lock:
+            if self._sums.shape[1] == 0:
+                self._sums = np.zeros((len(self._single), partial[0][1].shape[0]), dtype=np.float64)
+            for k, total, count in partial:
+                self._sums[k] += sign * total.astype(np.float64)
+                self._counts[k] += sign * count
 
     def single_vectors(self, dim: int | None, allowed_dims: Sequence[int]) -> list[np.ndarray]:
         """Mean of each single span, L2-normalised, Matryoshka-truncated; checks every row arrived."""
@@ -100,8 +111,14 @@ class WindowSink:
         self.fold = fold
         self.offset = offset
         self.keep_from = keep_from
+        self._fed: list[Partial] = []
 
     def feed(self, start: int, rows: np.ndarray) -> None:
         skip = max(0, self.keep_from - start)
         if skip < rows.shape[0]:
-            self.fold.feed(self.offset + start + skip, rows[skip:])
+            self._fed.extend(self.fold.feed(self.offset + start + skip, rows[skip:]))
+
+    def withdraw(self) -> None:
+        """Take back everything this sink fed into the shared fold."""
+        fed, self._fed = self._fed, []
+        self.fold.withdraw(fed)

@@ -228,8 +228,9 @@ class ReplicaPool:
         """POST ``body`` to one replica and let ``consume`` read its 200 answer as it streams in.
 
         A refused or reset connection, or a 5xx, is retried once on another replica (vLLM's
-        message is kept); a connection dropped mid-request is retried on the same replica when
-        it is the only one; a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
+        message is kept); a connection dropped mid-request, even mid-answer, is retried too (on
+        the same replica when it is the only one), so ``consume`` must undo a partial read when it
+        raises; a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
         """
         payload = orjson.dumps(body)
         tried: set[int] = set()
@@ -246,13 +247,11 @@ class ReplicaPool:
                 else:
                     raise
             tried.add(id(replica))
-            consumed = False
             replica.in_flight += 1
             replica.tokens_in_flight += tokens
             try:
                 async with self._http().post(f"{replica.url}{path}", data=payload, headers=_JSON) as response:
                     if response.status == 200:
-                        consumed = True  # rows may be folded already: no retry from here on
                         result = await consume(response)
                         replica.failures = 0
                         return result
@@ -270,10 +269,8 @@ class ReplicaPool:
                             self.settings.request_timeout_s)
                 raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer within "
                                           f"{self.settings.request_timeout_s:g} s") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError) as exc:
-                if consumed:
-                    raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ClientPayloadError) as exc:
                 failure = f"{replica.url} failed ({type(exc).__name__}: {exc})"
                 replica.failures += 1
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
@@ -281,8 +278,6 @@ class ReplicaPool:
                     self._set_health(replica, False)
                 dropped = None if refused else replica
                 log.warning("%s: %s", self.task, failure)
-            except aiohttp.ClientPayloadError as exc:
-                raise BackendError(f"task {self.task!r}: the backend's answer broke off ({exc})") from None
             finally:
                 replica.in_flight -= 1
                 replica.tokens_in_flight -= tokens

@@ -28,6 +28,9 @@ class RowSink(Protocol):
 
     def feed(self, start: int, rows: np.ndarray) -> None: ...
 
+    def withdraw(self) -> None:
+        """Undo every feed: the call broke off and will be sent again."""
+
 
 @dataclass(frozen=True, slots=True)
 class PromptLayout:
