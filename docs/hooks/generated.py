@@ -27,8 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # document this checkout
 
-from model_tables import config_sections, field_table, fields_table, models_in  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from model_tables import config_sections, field_table, fields_table, models_in
+from pydantic import BaseModel
 
 _DIRECTIVE = re.compile(r"<!--\s*generated:\s*(?P<what>[\w-]+)(?P<args>[^>]*?)\s*-->")
 
