@@ -32,19 +32,20 @@ def _models(annotation: typing.Any) -> Iterator[type[BaseModel]]:
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str | None]]:
-    """Every key of the config tree with its description; a mapping of sections is ``<name>``."""
+    """Every key of the config tree with its description: a mapping of sections is
+    ``key.<name>.field``, a list of them ``key[].field``."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         yield key, field.description
         annotation = field.annotation
-        mapping = next((arg for arg in (annotation, *typing.get_args(annotation))
-                        if typing.get_origin(arg) is dict), None)
-        if mapping is not None:
-            for inner in _models(typing.get_args(mapping)[1]):
-                yield from config_keys(inner, f"{key}.<name>.")
+        container = next((arg for arg in (annotation, *typing.get_args(annotation))
+                          if typing.get_origin(arg) in (dict, list, tuple)), None)
+        if container is None:
+            nested = f"{key}."
         else:
-            for inner in _models(annotation):
-                yield from config_keys(inner, f"{key}.")
+            nested = f"{key}.<name>." if typing.get_origin(container) is dict else f"{key}[]."
+        for inner in _models(container if container is not None else annotation):
+            yield from config_keys(inner, nested)
 
 
 def request_fields(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> Iterator[str]:
@@ -107,9 +108,9 @@ def test_api_page_covers_every_route_and_request_field(site: Path) -> None:
     assert {"/v1/embeddings", "/v1/rerank", "/v1/models", "/health", "/ready", "/metrics"} <= {r.path for r in routes}
     assert not [route.path for route in routes if route.path not in text]
     for route in routes:
-        hints = typing.get_type_hints(route.endpoint)
-        for model in [hint for name, hint in hints.items() if name != "return" and isinstance(hint, type)
-                      and issubclass(hint, BaseModel)]:
+        for model in [param.field_info.annotation for param in route.dependant.body_params
+                      if isinstance(param.field_info.annotation, type)
+                      and issubclass(param.field_info.annotation, BaseModel)]:
             missing = [name for name in request_fields(model) if f"<code>{html.escape(name)}</code>" not in markup]
             assert not missing, f"{route.path}: request fields missing from the API page: {missing}"
             for name, field in model.model_fields.items():

@@ -20,7 +20,6 @@ import importlib
 import inspect
 import re
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,8 @@ def config_reference() -> str:
     for section in config_sections(Config):
         title = section.prefix.rstrip(".") or "top level"
         doc = _own_doc(section.model)
-        parts.append(f"### `{title}`\n\n{doc}\n\n{field_table(section.model, prefix=section.prefix, env=section.env)}")
+        table = field_table(section.model, prefix=section.prefix, env=section.env)
+        parts.append("\n\n".join(part for part in (f"### `{title}`", doc, table) if part))
     return "\n\n".join(parts)
 
 
@@ -78,9 +78,9 @@ def routes() -> tuple[tuple[Any, tuple[str, ...]], ...]:
 
 
 def _body_models(route: Any) -> list[type[BaseModel]]:
-    hints = typing.get_type_hints(route.endpoint)
-    return [hint for name, hint in hints.items()
-            if name != "return" and isinstance(hint, type) and issubclass(hint, BaseModel)]
+    """The pydantic models FastAPI reads the request body into."""
+    found = (next(models_in(param.field_info.annotation), None) for param in route.dependant.body_params)
+    return [model for model in found if model is not None]
 
 
 def _nested(model: type[BaseModel]) -> list[type[BaseModel]]:

@@ -72,7 +72,10 @@ def _constraints(field: FieldInfo) -> str:
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    try:
+        value = field.get_default(call_default_factory=True, validated_data={})
+    except (KeyError, TypeError, ValueError):  # a factory that needs the other fields
+        return "computed"
     if isinstance(value, BaseModel):
         return "(section)"
     if isinstance(value, enum.Enum):
