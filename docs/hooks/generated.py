@@ -26,15 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # document this checkout
 
-from model_tables import config_sections, field_table, fields_table, models_in
+from model_tables import config_sections, field_table, fields_table, models_in, own_doc
 from pydantic import BaseModel
 
 _DIRECTIVE = re.compile(r"<!--\s*generated:\s*(?P<what>[\w-]+)(?P<args>[^>]*?)\s*-->")
-
-
-def _own_doc(model: type) -> str:
-    """The class's own docstring (not pydantic's, which ``inspect.getdoc`` would inherit)."""
-    return inspect.cleandoc(model.__dict__.get("__doc__") or "")
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -47,7 +42,7 @@ def config_reference() -> str:
     parts = []
     for section in config_sections(Config):
         title = section.prefix.rstrip(".") or "top level"
-        doc = _own_doc(section.model)
+        doc = own_doc(section.model)
         table = field_table(section.model, prefix=section.prefix, env=section.env)
         parts.append("\n\n".join(part for part in (f"### `{title}`", doc, table) if part))
     return "\n\n".join(parts)
@@ -103,7 +98,7 @@ def _model_tables(model: type[BaseModel], shown: set[type[BaseModel]], role: str
             parts.append(f"`{each.__name__}`: as above.")
             continue
         shown.add(each)
-        doc = " ".join(_own_doc(each).split())
+        doc = " ".join(own_doc(each).split())
         label = role if each is model else "object"
         parts.append(f"**{label} `{each.__name__}`**{': ' + doc if doc else ''}\n\n{field_table(each)}")
     return parts

@@ -7,6 +7,7 @@ HTTP API's field tables, so both follow the models and cannot drift from them.
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import types
 import typing
@@ -19,7 +20,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-__all__ = ["ConfigSection", "config_sections", "field_table", "fields_table", "models_in", "type_name"]
+__all__ = ["ConfigSection", "config_sections", "field_table", "fields_table", "models_in", "own_doc", "type_name"]
 
 _JSON_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null",
                bytes: "bytes", typing.Any: "any"}
@@ -28,6 +29,11 @@ _JSON_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", 
 def _cell(text: str) -> str:
     """Text that stays inside one Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def own_doc(model: type) -> str:
+    """The class's own docstring (not pydantic's, which ``inspect.getdoc`` would inherit)."""
+    return inspect.cleandoc(model.__dict__.get("__doc__") or "")
 
 
 def type_name(annotation: Any) -> str:
@@ -112,7 +118,8 @@ def fields_table(fields: Mapping[str, FieldInfo], *, prefix: str = "", env: str 
         if env is not None:
             row.append(f"`{env}{key.upper()}`")
         limits = _constraints(field)
-        description = _cell(field.description or "")
+        description = _cell(field.description or next((own_doc(m).split("\n\n")[0] for m in models_in(field.annotation)
+                                                       if own_doc(m)), ""))
         row.append(f"{description} ({limits})" if limits and description else description or limits)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
