@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the performance numbers in the README: builds the wire-realistic demo
+# One command for the performance numbers in docs/performance.md: builds the wire-realistic demo
 # checkpoint (hidden size 2048, one layer) if missing, prepares the retrieval task, then
 # `jv4-vllm bench` starts ONE vLLM deployment, the router and the replay upstreams, runs
 # every path, writes bench-results/ (results.json, results.md, throughput.png,
