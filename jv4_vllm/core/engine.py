@@ -175,6 +175,13 @@ class Engine:
                                            consume)
         except BackendRejection as rejection:
             raise self._rejection_error(rejection, call) from None
+        except BackendError as failure:  # name the inputs; the router keeps the text for its log
+            if failure.param is None:
+                where = ", ".join(f"input[{i}]" for i in call.inputs[:8])
+                failure.message = f"{where}: {failure.message}"
+                failure.param = f"input[{call.inputs[0]}]"
+                failure.args = (failure.message,)
+            raise
 
     @staticmethod
     def _rejection_error(rejection: BackendRejection, call: Call) -> Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from jv4_vllm.router.admission import (
     until_disconnect,
 )
 from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.drain import AFTER_DRAIN_S, Drain, DrainingServer, DrainMiddleware
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
 from jv4_vllm.router.process import freeze_startup_objects, tune_process
@@ -32,6 +34,7 @@ from jv4_vllm.router.protocol import (
     ModelList,
     error_responses,
 )
+from jv4_vllm.router.request_ids import RequestIdMiddleware
 from jv4_vllm.router.rerank import routes as rerank_routes
 from jv4_vllm.router.serving import (
     decode_gate,
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
 __all__ = ["create_app", "run"]
+
+log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = error_responses()
 
@@ -98,6 +103,9 @@ async def ready(request: Request, all: bool = False) -> Response:
     """200 while at least one task has a healthy backend, so healthy tasks keep serving when
     another task's deployment is down; the body gives each task's state. 503 when none has
     (with ``?all=true``: unless every task has one, for start-up scripts)."""
+    if request.app.state.drain.draining:
+        return _json({"status": "shutting_down", "message": "this router is draining its requests before it exits"},
+                     status_code=503, headers={"Retry-After": "1"})
     tasks = request.app.state.engine.readiness()
     states = {task: "ready" if ok else "unavailable" for task, ok in tasks.items()}
     down = [task for task, ok in tasks.items() if not ok]
@@ -141,20 +149,38 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
     app.state.decode_gate = decode_gate()
+    app.state.drain = Drain(config.router.shutdown_grace_s)
     install_error_handler(app)
     app.include_router(routes)
     app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(RequestIdMiddleware)
+    if not keys.enabled and not _loopback(config.router.host):
+        log.warning("SECURITY: the router listens on %s with no API keys: anyone who can reach port %d can use "
+                    "the model. Set %s (or router.api_keys_file), or listen on 127.0.0.1.",
+                    config.router.host, config.router.port, config.router.api_keys_env)
     return app
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(config: Config) -> None:
-    """Serve the router with uvicorn (uvloop, httptools) until interrupted."""
+    """Serve the router with uvicorn (uvloop, httptools) until a signal, then drain (:mod:`.drain`)."""
     level = config.router.log_level.lower()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level.upper())
     tune_process()
-    uvicorn.run(create_app(config), host=config.router.host, port=config.router.port, loop="uvloop",
-                http="httptools", log_level=level, timeout_graceful_shutdown=10)
+    app = create_app(config)
+    server_config = uvicorn.Config(app, host=config.router.host, port=config.router.port, loop="uvloop",
+                                   http="httptools", log_level=level, timeout_graceful_shutdown=AFTER_DRAIN_S)
+    DrainingServer(server_config, app.state.drain).run()
