@@ -26,7 +26,7 @@ from images_util import make_image, png_bytes
 from jv4_vllm.config import Config
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.router import create_app
-from jv4_vllm.router.serving import render_embeddings
+from jv4_vllm.router.rendering import render_embeddings
 from jv4_vllm.core.types import EmbedResult
 from jv4_vllm.errors import Jv4Error, OverloadedError
 from jv4_vllm.router.protocol import EmbeddingsRequest

@@ -231,5 +231,5 @@ def _finite(values: np.ndarray, index: int) -> np.ndarray:
     """A vector pooled from inf or NaN hidden states is garbage: refuse it rather than serve it."""
     if not np.isfinite(values).all():
         raise BackendError(f"input[{index}]: the backend's hidden states hold inf or NaN (an fp16 overflow "
-                           "in the model? serve it in bfloat16 or float32)")
+                           "in the model? serve it in bfloat16 or float32)", param=f"input[{index}]")
     return values

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
@@ -23,6 +22,7 @@ from jv4_vllm.router.admission import (
     until_disconnect,
 )
 from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.byte_budget import ByteBudget
 from jv4_vllm.router.drain import AFTER_DRAIN_S, Drain, DrainingServer, DrainMiddleware
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
@@ -36,11 +36,11 @@ from jv4_vllm.router.protocol import (
 )
 from jv4_vllm.router.request_ids import RequestIdMiddleware
 from jv4_vllm.router.rerank import routes as rerank_routes
+from jv4_vllm.router.rendering import render_chunks
 from jv4_vllm.router.serving import (
     decode_gate,
     embed_items,
-    off_loop_if_large,
-    render_embeddings,
+    large_response,
     request_items,
 )
 
@@ -67,21 +67,22 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     state = request.app.state
     engine: Engine = state.engine
 
-    async def work() -> bytes:
+    async def work() -> bytes | Iterator[bytes]:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
         items = await request_items(body, state.config.limits, state.decode_gate)
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
-        render = functools.partial(render_embeddings, result, model=body.model or engine.model_name,
-                                   embedding_type=body.output_type(), multivector=options.multivector,
-                                   pages=items.pages)
-        return await off_loop_if_large(render, result)
+        chunks = render_chunks(result, model=body.model or engine.model_name, embedding_type=body.output_type(),
+                               multivector=options.multivector, pages=items.pages)
+        return chunks if large_response(result) else b"".join(chunks)
 
     finished, content = await until_disconnect(request, work())
     if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return Response(content, media_type="application/json")
+    if isinstance(content, bytes):
+        return Response(content, media_type="application/json")
+    return StreamingResponse(content, media_type="application/json")  # sync chunks: iterated in worker threads
 
 
 @routes.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
@@ -154,7 +155,9 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.include_router(routes)
     app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
-    app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
+    app.state.byte_budget = ByteBudget(config.limits.max_bytes_in_flight)
+    app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes,
+                       budget=app.state.byte_budget)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestIdMiddleware)
