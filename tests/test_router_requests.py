@@ -255,7 +255,7 @@ async def test_bad_request(row: Row, servers: dict[str, str]) -> None:
         response = await send(client, servers[row.server], row)
     assert response.status_code == row.status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert error["param"] == row.param
     assert re.search(row.match, error["message"]), error["message"]
     if row.code is not None:

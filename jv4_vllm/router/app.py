@@ -34,9 +34,9 @@ from jv4_vllm.router.protocol import (
     ModelList,
     error_responses,
 )
+from jv4_vllm.router.rendering import render_chunks
 from jv4_vllm.router.request_ids import RequestIdMiddleware
 from jv4_vllm.router.rerank import routes as rerank_routes
-from jv4_vllm.router.rendering import render_chunks
 from jv4_vllm.router.serving import (
     decode_gate,
     embed_items,
@@ -149,7 +149,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.config = config.model_copy(update={"limits": model_image_limits(config)})  # pixels follow the model
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
-    app.state.decode_gate = decode_gate()
+    app.state.decode_gate = decode_gate(app.state.config.limits)  # the input pools
     app.state.drain = Drain(config.router.shutdown_grace_s)
     install_error_handler(app)
     app.include_router(routes)

@@ -100,7 +100,8 @@ def as_jv4_error(exc: Exception) -> Jv4Error | None:
 async def handle_error(request: Request, exc: Exception) -> Response:
     error = as_jv4_error(exc)
     if error is None and isinstance(exc, HTTPException):  # unknown route, wrong method
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None},
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None,
+                          "request_id": current_request_id()},
                 "detail": str(exc.detail)}
         return Response(orjson.dumps(body), status_code=exc.status_code, headers=exc.headers,
                         media_type="application/json")

@@ -8,15 +8,25 @@ runs in a worker thread, like every other bulk step, so the event loop stays fre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from jv4_vllm.config import LimitsConfig
-from jv4_vllm.core.images import load_image
-from jv4_vllm.core.pdf import PdfPlan, check_page_budget, load_pdf, render_pdf
+from jv4_vllm.core.images import decode_image, fetch_image_url, is_url, read_image
+from jv4_vllm.core.pdf import (
+    PdfPlan,
+    check_page_budget,
+    fetch_pdf,
+    is_pdf_url,
+    plan_pdf,
+    read_pdf_bytes,
+    render_plan,
+)
 from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.router.input_pools import InputPools
 from jv4_vllm.router.protocol import (
     BytesObject,
     EmbeddingsRequest,
@@ -31,12 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RequestItems", "decode_gate", "embed_items", "large_response", "read_items", "request_items"]
 
-IMAGE_DECODE_CONCURRENCY = 4  # image decodes at once in the whole router (they share the CPU with pooling)
-
-
-def decode_gate() -> asyncio.Semaphore:
-    """The router's one cap on concurrent image reads and decodes, made once per app."""
-    return asyncio.Semaphore(IMAGE_DECODE_CONCURRENCY)
+def decode_gate(limits: LimitsConfig) -> InputPools:
+    """The router's input pools (URL fetches, image decodes, PDF renders), made once per app."""
+    return InputPools(limits)
 
 
 class RequestItems(list[Item]):
@@ -83,7 +90,7 @@ def large_response(result: EmbedResult) -> bool:
     return values > INLINE_RENDER_VALUES
 
 
-async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: InputPools) -> RequestItems:
     """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap);
     too many inputs is a 413."""
     raw = [body.input] if isinstance(body.input, str) else body.input
@@ -106,7 +113,7 @@ def _image_source(value: object) -> str | None:
 
 
 async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject | PdfObject],
-                     limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+                     limits: LimitsConfig, gate: InputPools) -> RequestItems:
     """Texts as they are; images and PDFs read concurrently, then PDF pages rendered.
     A failure reports the lowest failing index."""
     sources = [_image_source(value) for value in raw]
@@ -123,18 +130,26 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
     plans: dict[int, PdfPlan] = {}
 
     async def read(index: int, value: str) -> None:
-        async with gate:
-            try:
-                items[index] = await load_image(value, limits, index)
-            except Jv4Error as exc:
-                failures[index] = exc
+        try:
+            if is_url(value):
+                async with gate.fetches:
+                    data = await fetch_image_url(value, limits, index)
+                items[index] = await gate.decode(decode_image, data, limits, index)
+            else:
+                items[index] = await gate.decode(read_image, value, limits, index)
+        except Jv4Error as exc:
+            failures[index] = exc
 
     async def plan(index: int, value: PdfObject) -> None:
-        async with gate:
-            try:
-                plans[index] = await load_pdf(value.pdf, value.pages, limits, index)
-            except Jv4Error as exc:
-                failures[index] = exc
+        try:
+            if is_pdf_url(value.pdf):
+                async with gate.fetches:
+                    data = await fetch_pdf(value.pdf, limits, index)
+            else:
+                data = await gate.decode(read_pdf_bytes, value.pdf, limits, index)
+            plans[index] = await gate.render(plan_pdf, data, value.pages, limits, index)
+        except Jv4Error as exc:
+            failures[index] = exc
 
     await asyncio.gather(*(read(i, v) for i, v in images), *(plan(i, v) for i, v in pdfs))
     if failures:
@@ -145,13 +160,13 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
 
 
 async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: LimitsConfig,
-                      gate: asyncio.Semaphore) -> RequestItems:
+                      gate: InputPools) -> RequestItems:
     """Every planned PDF rendered (within the request's page budget) and spliced in at its input."""
     check_page_budget(plans, limits)
 
     async def render(plan: PdfPlan) -> tuple[int, tuple[int, ...], tuple[Item, ...]]:
-        async with gate:
-            rendered = await render_pdf(plan, limits)
+        cancel = threading.Event()
+        rendered = await gate.render(render_plan, plan, limits, cancel, cancel=cancel)
         return plan.index, rendered.pages, rendered.images
 
     done = {index: (pages, images) for index, pages, images in
