@@ -210,3 +210,59 @@ async def test_a_pdf_over_the_render_time_limit_is_a_4xx_naming_it(vllm_stack):
     error = response.json()["error"]
     assert error["param"] == "input[1]" and error["code"] == "pdf_render_timeout"
     assert "pdf_render_timeout_s" in error["message"], took
+
+
+class HeldImageHost(FaultUpstream):
+    """An image host that sends nothing until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.requests = 0
+
+    async def __aenter__(self) -> "HeldImageHost":
+        app = web.Application()
+        app.router.add_get("/slow.png", self._image)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def _image(self, _: web.Request) -> web.Response:
+        self.requests += 1
+        await self.release.wait()
+        return web.Response(body=base64.b64decode(png((1, 2, 3))), content_type="image/png")
+
+
+async def test_slow_urls_and_pdfs_do_not_hold_up_a_plain_image(vllm_stack, monkeypatch):
+    """Four held image URLs and four big PDFs in flight (each enough to fill the old shared gate of
+    four): a plain image request is still answered while they wait; cancelling them (the clients
+    leave) keeps their work from ever reaching vLLM."""
+    from jv4_vllm.core import images
+
+    monkeypatch.setattr(images, "address_allowed", lambda address: True)  # the held host is on loopback
+    pdf = base64.b64encode(make_pdf([(612, 792)] * 30)).decode()
+    async with Forwarding(vllm_stack.deployments[TASK].urls[0]) as counted, HeldImageHost() as host:
+        config = vllm_stack.model_copy(update={
+            "deployments": {TASK: vllm_stack.deployments[TASK].model_copy(update={"urls": [counted.url]})},
+            "router": vllm_stack.router.model_copy(update={"port": free_port()}),
+            "limits": vllm_stack.limits.model_copy(update={
+                "allow_image_urls": True, "render_dpi": 300.0, "max_image_pixels": 40_000_000})})
+        async with InProcessServer(create_app(config), config.router.port) as server, \
+                httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            slow = [asyncio.create_task(client.post("/v1/embeddings", json={
+                "input": [{"image": f"{host.url}/slow.png"}], "task": "retrieval"})) for _ in range(4)]
+            slow += [asyncio.create_task(client.post("/v1/embeddings", json={
+                "input": [{"pdf": pdf}], "task": "retrieval"})) for _ in range(4)]
+            while host.requests < 4:
+                await asyncio.sleep(0.05)
+            plain = await asyncio.wait_for(client.post("/v1/embeddings", json={
+                "input": [{"image": png((9, 9, 9))}], "task": "retrieval"}), timeout=60)
+            assert plain.status_code == 200, plain.text
+            assert not any(job.done() for job in slow)  # they were all still in flight
+            for job in slow:
+                job.cancel()
+            await asyncio.gather(*slow, return_exceptions=True)
+            host.release.set()
+            await asyncio.sleep(1.0)
+    assert counted.calls == 1  # only the plain image reached vLLM
