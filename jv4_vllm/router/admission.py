@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.auth import ApiKeys
-from jv4_vllm.router.byte_budget import ByteBudget
+from jv4_vllm.router.byte_budget import HOLD_BYTES, ByteBudget
 from jv4_vllm.router.errors import error_response
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "AdmissionMiddleware", "until_disconnect"]
@@ -78,7 +78,16 @@ class AdmissionMiddleware:
                 return
             replay = _replay(body, receive)
             del body  # from here the app's copy is the only one
-            await self.app(scope, replay, send)
+
+            def hold(size: int) -> None:
+                self.budget.take(size)
+                held[0] += size
+
+            token = HOLD_BYTES.set(hold)
+            try:
+                await self.app(scope, replay, send)
+            finally:
+                HOLD_BYTES.reset(token)
         finally:
             self.budget.release(held[0])
 

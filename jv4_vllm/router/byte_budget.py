@@ -6,14 +6,31 @@ the router from the first byte read until the response is sent; :class:`ByteBudg
 in only while the bodies held add up to at most ``limits.max_bytes_in_flight``. A body that does
 not fit waits unread, so the connection's flow control pushes back on the client instead of the
 router buffering it; a body larger than the whole budget is refused at once.
+
+What a request makes beyond its body (a downloaded or converted image, a rendered PDF page, and
+the base64 copy each gets in its ``/pooling`` call) is counted with :func:`hold_more` as it is
+made. Those bytes never wait (an admitted request is not stalled halfway): the budget may run
+over by them, and new bodies then wait until it is back under.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
+from contextvars import ContextVar
 
-__all__ = ["ByteBudget"]
+__all__ = ["HOLD_BYTES", "ByteBudget", "hold_more"]
+
+# the current request's counter of extra bytes (set by the admission middleware around the app)
+HOLD_BYTES: ContextVar[Callable[[int], None] | None] = ContextVar("jv4_hold_bytes", default=None)
+
+
+def hold_more(size: int) -> None:
+    """Count ``size`` more bytes against the current request's grant (a no-op outside a request)."""
+    hold = HOLD_BYTES.get()
+    if hold is not None:
+        hold(size)
 
 
 class ByteBudget:

@@ -26,6 +26,7 @@ from jv4_vllm.core.pdf import (
 from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.router.byte_budget import hold_more
 from jv4_vllm.router.input_pools import InputPools
 from jv4_vllm.router.protocol import (
     BytesObject,
@@ -134,9 +135,10 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
             if is_url(value):
                 async with gate.fetches:
                     data = await fetch_image_url(value, limits, index)
-                items[index] = await gate.decode(decode_image, data, limits, index)
+                items[index] = image = await gate.decode(decode_image, data, limits, index)
             else:
-                items[index] = await gate.decode(read_image, value, limits, index)
+                items[index] = image = await gate.decode(read_image, value, limits, index)
+            hold_more(2 * len(image.data))  # the image, and its base64 copy in the /pooling call
         except Jv4Error as exc:
             failures[index] = exc
 
@@ -167,6 +169,7 @@ async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: Li
     async def render(plan: PdfPlan) -> tuple[int, tuple[int, ...], tuple[Item, ...]]:
         cancel = threading.Event()
         rendered = await gate.render(render_plan, plan, limits, cancel, cancel=cancel)
+        hold_more(2 * sum(len(image.data) for image in rendered.images))
         return plan.index, rendered.pages, rendered.images
 
     done = {index: (pages, images) for index, pages, images in
