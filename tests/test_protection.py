@@ -67,7 +67,11 @@ async def router_process(vllm_stack, tmp_path: Path, urls: list[str], **sections
     path = write_config(config, tmp_path / "router.yaml")
     child = spawn("router", [sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(path)], tmp_path)
     url = f"http://127.0.0.1:{config.router.port}"
-    await asyncio.to_thread(wait_ready, url, child.process)  # the proxies answer on this loop meanwhile
+    try:
+        await asyncio.to_thread(wait_ready, url, child.process)  # the proxies answer on this loop meanwhile
+    except BaseException:
+        stop_children([child])
+        raise
     return child, url
 
 
@@ -125,7 +129,7 @@ async def test_sigterm_drains_requests_in_flight_and_queued(vllm_stack, tmp_path
     async with Forwarding(vllm_stack.deployments[TASK].urls[0], delay=1.5) as slow:
         # A budget of one request at a time: of four requests, one is in vLLM and three wait.
         child, url = await router_process(vllm_stack, tmp_path, [slow.url], router={"shutdown_grace_s": 60},
-                                    backend={"tokens_in_flight_per_replica": 150})
+                                          backend={"tokens_in_flight_per_replica": 150})
         try:
             async with httpx.AsyncClient(timeout=120) as client:
                 jobs = [asyncio.create_task(client.post(f"{url}/v1/embeddings", json={
@@ -150,10 +154,10 @@ BOUND = 16 << 20
 
 async def test_a_burst_of_big_bodies_stays_within_the_byte_bound(vllm_stack, tmp_path):
     """Eight 6 MiB bodies at once under a 16 MiB bound: all served, peak RSS grows by at most 4x the bound."""
-    child, url = await router_process(vllm_stack, tmp_path, vllm_stack.deployments[TASK].urls,
-                                limits={"max_bytes_in_flight": BOUND})
     body = httpx.Request("POST", "/", json={"input": ["lorem ipsum dolor sit amet " * ((6 << 20) // 27)],
                                             "task": "retrieval.passage", "truncate": True}).content
+    child, url = await router_process(vllm_stack, tmp_path, vllm_stack.deployments[TASK].urls,
+                                      limits={"max_bytes_in_flight": BOUND})
     try:
         async with httpx.AsyncClient(timeout=300) as client:
             assert (await client.post(f"{url}/v1/embeddings", json={"input": ["warm"], "task": "retrieval"})).is_success
