@@ -251,7 +251,8 @@ async def test_slow_urls_and_pdfs_do_not_hold_up_a_plain_image(vllm_stack, monke
             "deployments": {TASK: vllm_stack.deployments[TASK].model_copy(update={"urls": [counted.url]})},
             "router": vllm_stack.router.model_copy(update={"port": free_port()}),
             "limits": vllm_stack.limits.model_copy(update={
-                "allow_image_urls": True, "render_dpi": 300.0, "max_image_pixels": 40_000_000})})
+                "allow_image_urls": True, "image_url_timeout_s": 300.0, "render_dpi": 300.0,
+                "max_image_pixels": 40_000_000})})
         async with InProcessServer(create_app(config), config.router.port) as server, \
                 httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             slow = [asyncio.create_task(client.post("/v1/embeddings", json={
@@ -263,7 +264,8 @@ async def test_slow_urls_and_pdfs_do_not_hold_up_a_plain_image(vllm_stack, monke
             plain = await asyncio.wait_for(client.post("/v1/embeddings", json={
                 "input": [{"image": png((9, 9, 9))}], "task": "retrieval"}), timeout=60)
             assert plain.status_code == 200, plain.text
-            assert not any(job.done() for job in slow)  # they were all still in flight
+            assert not any(job.done() for job in slow[:4])  # every held URL still in flight
+            assert not all(job.done() for job in slow[4:])  # PDFs queue behind each other, not before images
             for job in slow:
                 job.cancel()
             await asyncio.gather(*slow, return_exceptions=True)
