@@ -86,6 +86,21 @@ class LimitsConfig(_Strict):
     max_pdf_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_pdf_pages_per_request: int = Field(64, gt=0, description="Rendered pages over all PDFs of a request")
     max_rerank_documents: int = Field(1000, gt=0)
+    max_bytes_in_flight: int = Field(
+        256 * 1024 * 1024, gt=0,
+        description="Request body bytes the router holds at once (bodies being read and everything parsed, decoded "
+                    "and sent from them lives only as long as its body); a request that does not fit waits with its "
+                    "body unread, one larger than this is a 413. The router's request memory is a small multiple "
+                    "of it (docs/protection.md): 256 MiB suits a 2 Gi pod")
+    max_url_fetches: int = Field(16, gt=0, description="Image and PDF URL downloads at once (each within "
+                                                       "image_url_timeout_s); they wait on the network, not the CPU")
+    image_decode_workers: int | None = Field(
+        None, gt=0, description="Threads decoding and checking images; unset, one per CPU core")
+    pdf_render_workers: int = Field(1, gt=0, description="Threads rendering PDF pages (PDFium runs one page at a "
+                                                         "time per process whatever this is)")
+    pdf_render_timeout_s: float = Field(
+        30.0, gt=0, description="Render time of one PDF document at most (a 4xx naming it past that); checked "
+                                "between pages")
 
 
 class RouterConfig(_Strict):
@@ -94,6 +109,10 @@ class RouterConfig(_Strict):
     api_keys_env: str = Field("JV4_API_KEYS", description="Env var holding comma-separated API keys")
     api_keys_file: str | None = Field(None, description="File with one API key per line")
     log_level: str = "info"
+    shutdown_grace_s: float = Field(
+        300.0, ge=0, description="On SIGTERM: how long requests already accepted may run before the router exits "
+                                 "(it exits as soon as none is left); the manifests' terminationGracePeriodSeconds "
+                                 "covers it")
 
 
 class Config(_Strict):

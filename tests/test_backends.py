@@ -15,7 +15,7 @@ from aiohttp import ClientResponse, web
 from fault_upstream import FaultUpstream
 
 from jv4_vllm.config import BackendSettings
-from jv4_vllm.core.replicas import ReplicaPool
+from jv4_vllm.core.replicas import INPUT_FAILED, ReplicaPool
 from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError
 
 
@@ -57,13 +57,31 @@ async def test_a_5xx_is_retried_once_on_the_other_replica():
         assert (bad.calls, good.calls) == (1, 1)  # exactly one retry, on the other replica
 
 
-async def test_both_replicas_failing_keeps_vllms_message():
+async def test_both_replicas_failing_one_payload_is_the_requests_fault():
     async with Replica(status=503) as one, Replica(status=500) as two, started_pool(one, two) as pool:
-        with pytest.raises(BackendError, match="backend failed") as caught:
+        with pytest.raises(BackendError, match="every replica tried failed") as caught:
             await pool.call("/pooling", {}, 1, read_body)
         assert one.calls == 1 and two.calls == 1
-        assert caught.value.status == 502
-        assert "engine fault" in caught.value.message  # vLLM's own message reaches the error
+        assert caught.value.status == 502 and caught.value.code == INPUT_FAILED
+        assert "engine fault" in caught.value.message  # vLLM's own message reaches the error (and the log)
+        assert pool.healthy() and all(r.failures == 0 for r in pool.replicas)  # nobody is penalised
+
+
+async def test_a_poison_payload_resent_in_a_loop_never_ejects_a_replica():
+    async with Replica(status=500) as one, Replica(status=500) as two, started_pool(one, two) as pool:
+        for _ in range(10):
+            with pytest.raises(BackendError):
+                await pool.call("/pooling", {"input": "poison"}, 1, read_body)
+        assert pool.healthy_count() == 2 and all(r.failures == 0 for r in pool.replicas)
+        assert one.calls + two.calls == 11  # known poison is not retried on a second replica again
+
+
+async def test_the_same_payload_failing_on_the_only_replica_counts_once():
+    async with Replica(status=500) as only, started_pool(only) as pool:
+        for _ in range(5):
+            with pytest.raises(BackendError):
+                await pool.call("/pooling", {"input": "poison"}, 1, read_body)
+        assert pool.healthy() and pool.replicas[0].failures == 1
 
 
 async def test_calls_spread_by_least_outstanding_tokens():
@@ -89,16 +107,16 @@ async def test_a_replica_that_just_failed_comes_last():
         assert (bad.calls, good.calls) == (1, 3)  # after its failure it is not tried again while good serves
 
 
-async def test_a_replica_failing_three_times_in_a_row_is_out_until_its_health_check():
-    async with Replica(status=500) as one, Replica(status=502) as two, started_pool(one, two) as pool:
-        for _ in range(3):
+async def test_a_replica_failing_three_different_requests_in_a_row_is_out_until_its_health_check():
+    async with Replica(status=500) as only, started_pool(only) as pool:
+        for n in range(3):
             with pytest.raises(BackendError):
-                await pool.call("/pooling", {}, 1, read_body)
-        assert (one.calls, two.calls) == (3, 3) and not pool.healthy()
+                await pool.call("/pooling", {"input": f"request {n}"}, 1, read_body)
+        assert only.calls == 3 and not pool.healthy()
         with pytest.raises(BackendUnavailableError):  # out of rotation: nothing is sent
             await pool.call("/pooling", {}, 1, read_body)
-        assert (one.calls, two.calls) == (3, 3)
-        await pool.check_health()  # their /health still answers: back in, failures forgotten
+        assert only.calls == 3
+        await pool.check_health()  # its /health still answers: back in, failures forgotten
         assert pool.healthy() and all(r.failures == 0 for r in pool.replicas)
 
 

@@ -107,7 +107,9 @@ async def test_inf_in_the_hidden_states_is_a_502_naming_the_input(prepared_dir: 
             router(prepared_dir, [upstream.url]) as client:
         response = await client.post("/v1/embeddings", json={**BODY, "return_multivector": multivector})
     assert response.status_code == 502, response.text
-    assert "input[0]" in response.json()["error"]["message"] and "inf or NaN" in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert "input[0]" in error["message"] and error["param"] == "input[0]"
+    assert "inf or NaN" not in error["message"] and error["request_id"] in error["message"]
 
 
 @pytest.mark.parametrize("multivector", [False, True])
@@ -138,12 +140,19 @@ async def test_a_stall_is_a_504_and_is_not_retried(prepared_dir: Path) -> None:
     assert one.calls + two.calls == 1
 
 
-async def test_vllms_5xx_message_reaches_the_error(prepared_dir: Path) -> None:
+async def test_vllms_5xx_message_goes_to_the_log_under_the_request_id(
+        prepared_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with FaultyUpstream(hidden_size(prepared_dir), "500") as upstream, \
             router(prepared_dir, [upstream.url]) as client:
-        response = await client.post("/v1/embeddings", json=BODY)
+        response = await client.post("/v1/embeddings", json=BODY, headers={"X-Request-ID": "caller-id-7"})
     assert response.status_code == 502, response.text
-    assert "CUDA error: an illegal memory access" in response.json()["error"]["message"]
+    assert response.headers["x-request-id"] == "caller-id-7"
+    error = response.json()["error"]
+    assert error["request_id"] == "caller-id-7" and "caller-id-7" in error["message"]
+    assert error["param"] == "input[0]" and "input[0]" in error["message"]
+    assert "CUDA" not in response.text and upstream.url not in response.text and "127.0.0.1" not in response.text
+    logged = [r.getMessage() for r in caplog.records if "caller-id-7" in r.getMessage()]
+    assert any("CUDA error: an illegal memory access" in line and upstream.url in line for line in logged), logged
 
 
 async def test_a_healthy_upstream_still_answers(prepared_dir: Path) -> None:

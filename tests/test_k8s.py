@@ -419,3 +419,14 @@ def test_dockerfile_router_is_small_healthchecked_and_default(stages: dict[str, 
     assert "[model]" in prepare_installs, "the prepare Job needs the model extra"
     for target in ("router", "prepare"):
         assert _last(stages, target, "ENTRYPOINT") == '["jv4-vllm"]'
+
+
+def test_the_router_pod_outlives_its_drain(rendered: Rendered) -> None:
+    """preStop pause, then the whole drain (router.shutdown_grace_s), inside the termination grace."""
+    from jv4_vllm.deploy.k8s import ROUTER_PRESTOP_S
+
+    router = next(o for o in rendered.objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("router"))
+    pod = router["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(ROUTER_PRESTOP_S)]
+    assert pod["terminationGracePeriodSeconds"] >= ROUTER_PRESTOP_S + rendered.config.router.shutdown_grace_s

@@ -126,7 +126,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 def assert_error(response: httpx.Response, status: int, error_type: str) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == error_type
+    assert set(error) == {"message", "type", "param", "code", "request_id"} and error["type"] == error_type
     assert int(response.headers["retry-after"]) >= 1
 
 

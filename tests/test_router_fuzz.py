@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(300)
 TASKS = ("retrieval", "text-matching", "code")
 MODEL = "jina-embeddings-v4"
 MAX_BODY = 256 * 1024
-ERROR_KEYS = {"message", "type", "param", "code"}
+ERROR_KEYS = {"message", "type", "param", "code", "request_id"}
 # Derandomized: CI runs the same 300 examples every time (long random runs are for hunting, by hand).
 FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

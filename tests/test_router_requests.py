@@ -26,7 +26,7 @@ from images_util import make_image, png_bytes
 from jv4_vllm.config import Config
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.router import create_app
-from jv4_vllm.router.serving import render_embeddings
+from jv4_vllm.router.rendering import render_embeddings
 from jv4_vllm.core.types import EmbedResult
 from jv4_vllm.errors import Jv4Error, OverloadedError
 from jv4_vllm.router.protocol import EmbeddingsRequest
@@ -255,7 +255,7 @@ async def test_bad_request(row: Row, servers: dict[str, str]) -> None:
         response = await send(client, servers[row.server], row)
     assert response.status_code == row.status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert error["param"] == row.param
     assert re.search(row.match, error["message"]), error["message"]
     if row.code is not None:

@@ -175,6 +175,13 @@ class Engine:
                                            consume)
         except BackendRejection as rejection:
             raise self._rejection_error(rejection, call) from None
+        except BackendError as failure:  # name the inputs; the router keeps the text for its log
+            if failure.param is None:
+                where = ", ".join(f"input[{i}]" for i in call.inputs[:8])
+                failure.message = f"{where}: {failure.message}"
+                failure.param = f"input[{call.inputs[0]}]"
+                failure.args = (failure.message,)
+            raise
 
     @staticmethod
     def _rejection_error(rejection: BackendRejection, call: Call) -> Exception:
@@ -224,5 +231,5 @@ def _finite(values: np.ndarray, index: int) -> np.ndarray:
     """A vector pooled from inf or NaN hidden states is garbage: refuse it rather than serve it."""
     if not np.isfinite(values).all():
         raise BackendError(f"input[{index}]: the backend's hidden states hold inf or NaN (an fp16 overflow "
-                           "in the model? serve it in bfloat16 or float32)")
+                           "in the model? serve it in bfloat16 or float32)", param=f"input[{index}]")
     return values

@@ -41,8 +41,8 @@ from jv4_vllm.core.image_rules import (
 from jv4_vllm.core.types import ImageInput
 from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
 
-__all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_base64", "decode_image", "load_image",
-           "read_image"]
+__all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_base64", "decode_image", "fetch_image_url",
+           "is_url", "load_image", "read_image"]
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image
 
@@ -155,7 +155,8 @@ def _from_data_uri(uri: str, limits: LimitsConfig, index: int) -> bytes:
     return _from_base64(payload, limits, index)
 
 
-def _is_url(text: str) -> bool:
+def is_url(text: str) -> bool:
+    """Whether an image string is a URL (``scheme://...``) rather than base64 or a data URI."""
     return bool(_URL_RE.match(text))
 
 
@@ -192,7 +193,7 @@ def read_image(value: ImageSource, limits: LimitsConfig, index: int, *, allow_pa
     """
     if isinstance(value, Image.Image):
         return _from_pil(value, limits, index)
-    if isinstance(value, str) and _is_url(value):
+    if isinstance(value, str) and is_url(value):
         raise _invalid(index, "image URLs are fetched by load_image only")
     return decode_image(_local_bytes(value, limits, index, allow_paths), limits, index)
 
@@ -202,7 +203,7 @@ async def load_image(value: ImageSource, limits: LimitsConfig, index: int, *, al
 
     Pillow work runs in a worker thread so the event loop stays responsive.
     """
-    if isinstance(value, str) and _is_url(value):
+    if isinstance(value, str) and is_url(value):
         data = await fetch_image_url(value, limits, index)
         return await asyncio.to_thread(decode_image, data, limits, index)
     if isinstance(value, Image.Image):

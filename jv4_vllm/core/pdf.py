@@ -21,6 +21,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,9 @@ __all__ = [
     "PdfSource",
     "RenderedPdf",
     "check_page_budget",
+    "fetch_pdf",
     "format_pages",
+    "is_pdf_url",
     "load_pdf",
     "parse_pages",
     "plan_pdf",
@@ -198,7 +201,11 @@ def read_pdf_bytes(value: PdfSource, limits: LimitsConfig, index: int, allow_pat
     return data
 
 
-async def _fetch(url: str, limits: LimitsConfig, index: int) -> bytes:
+def is_pdf_url(value: PdfSource) -> bool:
+    return isinstance(value, str) and bool(_URL_RE.match(value))
+
+
+async def fetch_pdf(url: str, limits: LimitsConfig, index: int) -> bytes:
     """An http(s) PDF through the image fetcher: same address checks, redirects and time limit."""
     try:
         return await fetch_image_url(url, limits.model_copy(update={"max_image_bytes": limits.max_pdf_bytes}), index)
@@ -262,14 +269,25 @@ def plan_pdf(data: bytes, selection: PageSelection, limits: LimitsConfig, index:
     return PdfPlan(data=data, pages=pages, index=index)
 
 
-def render_plan(plan: PdfPlan, limits: LimitsConfig) -> RenderedPdf:
-    """Render the planned pages at ``render_dpi``, one at a time (CPU-bound, blocking)."""
+def render_plan(plan: PdfPlan, limits: LimitsConfig, cancel: threading.Event | None = None) -> RenderedPdf:
+    """Render the planned pages at ``render_dpi``, one at a time (CPU-bound, blocking).
+
+    Between pages it stops when ``cancel`` is set (the request is gone), and refuses the document
+    once its rendering has taken longer than ``limits.pdf_render_timeout_s``.
+    """
     scale = limits.render_dpi / POINTS_PER_INCH
     images: list[ImageInput] = []
+    started = time.monotonic()
     with _PDFIUM:
         document = _open(plan.data, plan.index)
     try:
         for number in plan.pages:
+            if cancel is not None and cancel.is_set():
+                raise _invalid(plan.index, "the request was cancelled", "cancelled")
+            if time.monotonic() - started > limits.pdf_render_timeout_s:
+                raise _too_large(plan.index, f"rendering the PDF took longer than {limits.pdf_render_timeout_s:g} s "
+                                 f"(limits.pdf_render_timeout_s) before page {number}: send fewer pages or a "
+                                 "lower-resolution document", "pdf_render_timeout")
             with _PDFIUM:  # released between pages so other requests' PDFs interleave
                 page = document[number - 1]
                 try:
@@ -291,7 +309,7 @@ async def load_pdf(value: PdfSource, selection: PageSelection, limits: LimitsCon
                    allow_paths: bool = False) -> PdfPlan:
     """Read (or fetch) a PDF and plan it, off the event loop. URLs only when ``allow_image_urls``."""
     if isinstance(value, str) and _URL_RE.match(value):
-        data = await _fetch(value, limits, index)
+        data = await fetch_pdf(value, limits, index)
         return await asyncio.to_thread(plan_pdf, data, selection, limits, index)
 
     def read_and_plan() -> PdfPlan:

@@ -2,7 +2,13 @@
 
 Least-outstanding-tokens choice among healthy replicas, background health checks that
 take a failing replica out and bring it back, and one retry on another replica when a
-replica refuses the connection or answers 5xx (pooling calls are idempotent). A timeout
+replica refuses the connection or answers 5xx (pooling calls are idempotent).
+
+A 5xx is judged before anyone is blamed: when the retry on a second replica fails the same way,
+the request is at fault (an input that breaks a kernel), no replica is penalised and the payload
+is remembered as poison. A replica leaves the rotation by its own health only: a refused
+connection, a failed health check, or 5xx for ``EJECT_AFTER_FAILURES`` different payloads in a
+row, so one client resending a poison input never darkens the task for the others. A timeout
 is not retried: the slowest calls would cost the GPU twice; it is a 504. Waiting happens
 before a call is sent (:mod:`jv4_vllm.core.admission`), so the per-call timeout measures
 vLLM's work only. A URL of the form ``dns+http://name:port`` is re-resolved periodically
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,15 +32,18 @@ import dns.exception
 import orjson
 
 from jv4_vllm.config import BackendSettings
+from jv4_vllm.core.request_id import current_request_id
 from jv4_vllm.errors import BackendError, BackendTimeoutError, BackendUnavailableError
 
-__all__ = ["BackendRejection", "Replica", "ReplicaPool", "ReplicaStats"]
+__all__ = ["INPUT_FAILED", "BackendRejection", "Replica", "ReplicaPool", "ReplicaStats"]
 
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns+"
 ERROR_BODY_LIMIT = 64 * 1024
 KEEPALIVE_S = 4.0
-EJECT_AFTER_FAILURES = 3  # 5xx answers in a row that take a replica out until its health check passes
+EJECT_AFTER_FAILURES = 3  # 5xx for this many different payloads in a row take a replica out until its health check
+POISON_MEMORY = 1024  # payload digests remembered as the request's fault (every replica tried answered 5xx)
+INPUT_FAILED = "input_failed"  # BackendError code: every replica tried failed on this payload
 T = TypeVar("T")
 
 _JSON = {"content-type": "application/json"}
@@ -79,8 +89,23 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     tokens_in_flight: int = 0
-    failures: int = 0
+    failures: int = 0  # consecutive failures (5xx: different payloads only), reset by a success
     source: str = field(default="", repr=False)  # the configured URL it came from
+    failed_payloads: set[int] = field(default_factory=set, repr=False)  # digests of this 5xx streak
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.failed_payloads.clear()
+
+    def blame(self, digest: int) -> None:
+        """A 5xx for the payload ``digest``: counts once per payload, so a resent input counts once."""
+        self.failed_payloads.add(digest)
+        self.failures = len(self.failed_payloads)
+
+    def absolve(self, digest: int) -> None:
+        """The payload failed elsewhere too: the request's fault, not this replica's."""
+        self.failed_payloads.discard(digest)
+        self.failures = len(self.failed_payloads)
 
 
 async def _resolve(host: str, port: int, server: str | None = None) -> list[str]:
@@ -121,6 +146,7 @@ class ReplicaPool:
         self._session: aiohttp.ClientSession | None = None  # needs a running loop: made in start()
         self._on_change = on_change  # healthy replicas changed: the token budget follows
         self._tasks: list[asyncio.Task[None]] = []
+        self._poison: OrderedDict[int, None] = OrderedDict()  # payloads every replica tried failed on
 
     async def start(self) -> None:
         """Resolve names and check health once, then keep both fresh in the background."""
@@ -184,7 +210,7 @@ class ReplicaPool:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
         if ok and not replica.healthy:
-            replica.failures = 0
+            replica.succeeded()
         self._set_health(replica, ok)
 
     def _set_health(self, replica: Replica, ok: bool) -> None:
@@ -228,7 +254,8 @@ class ReplicaPool:
         """POST ``body`` to one replica and let ``consume`` read its 200 answer as it streams in.
 
         A refused or reset connection, or a 5xx, is retried once on another replica (vLLM's
-        message is kept); a connection dropped mid-request, even mid-answer, is retried too (on
+        message is kept; a 5xx there too raises BackendError with code ``INPUT_FAILED`` and
+        penalises neither); a connection dropped mid-request, even mid-answer, is retried too (on
         the same replica when it is the only one), so ``consume`` must undo a partial read when it
         raises; a timeout is a 504 at once; a 4xx raises :class:`BackendRejection`.
         """
@@ -236,6 +263,8 @@ class ReplicaPool:
         tried: set[int] = set()
         failure = ""
         dropped: Replica | None = None  # a replica that dropped the connection mid-request
+        suspect: Replica | None = None  # a replica that answered 5xx: blamed only if another one serves
+        digest = 0
         for attempt in range(2):
             try:
                 replica = self._choose(tried)
@@ -253,20 +282,30 @@ class ReplicaPool:
                 async with self._http().post(f"{replica.url}{path}", data=payload, headers=_JSON) as response:
                     if response.status == 200:
                         result = await consume(response)
-                        replica.failures = 0
+                        replica.succeeded()
                         return result
                     content = await response.content.read(ERROR_BODY_LIMIT)
                 if response.status < 500:
                     raise BackendRejection(response.status, error_message(content))
                 failure = f"{replica.url} answered {response.status}: {error_message(content)}"
-                replica.failures += 1
+                log.warning("%s: request %s: %s", self.task, current_request_id(), failure)
+                digest = digest or hash(payload)
+                if suspect is not None:  # a second replica failed the same payload: the request's fault
+                    suspect.absolve(digest)
+                    self._remember_poison(digest)
+                    raise BackendError(f"task {self.task!r}: every replica tried failed on this payload: {failure}",
+                                       code=INPUT_FAILED)
+                if digest in self._poison:
+                    raise BackendError(f"task {self.task!r}: this payload failed on every replica before: "
+                                       f"{failure}", code=INPUT_FAILED)
+                replica.blame(digest)
+                suspect = replica
                 if replica.failures >= EJECT_AFTER_FAILURES:  # back in when its next health check passes
                     self._set_health(replica, False)
-                log.warning("%s: %s", self.task, failure)
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 replica.failures += 1
-                log.warning("%s: %s did not answer within %.0f s", self.task, replica.url,
-                            self.settings.request_timeout_s)
+                log.warning("%s: request %s: %s did not answer within %.0f s", self.task, current_request_id(),
+                            replica.url, self.settings.request_timeout_s)
                 raise BackendTimeoutError(f"task {self.task!r}: the backend did not answer within "
                                           f"{self.settings.request_timeout_s:g} s") from None
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
@@ -277,10 +316,16 @@ class ReplicaPool:
                 if refused or dropped is replica:  # down, or dropping connections twice in a row
                     self._set_health(replica, False)
                 dropped = None if refused else replica
-                log.warning("%s: %s", self.task, failure)
+                log.warning("%s: request %s: %s", self.task, current_request_id(), failure)
             finally:
                 replica.in_flight -= 1
                 replica.tokens_in_flight -= tokens
         if failure:
             raise BackendError(f"task {self.task!r}: the backend failed: {failure}")
         raise self._unavailable()
+
+    def _remember_poison(self, digest: int) -> None:
+        self._poison[digest] = None
+        self._poison.move_to_end(digest)
+        while len(self._poison) > POISON_MEMORY:
+            self._poison.popitem(last=False)

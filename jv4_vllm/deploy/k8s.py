@@ -16,6 +16,7 @@ only router pods reach the vLLM pods.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,15 @@ def _router_configmap(config: Config, spec: Variant) -> Manifest:
             "data": {CONFIG_FILE: router_config_yaml(config, spec)}}
 
 
+ROUTER_PRESTOP_S = 5  # seconds for endpoint controllers to stop sending to a terminating router pod
+ROUTER_EXIT_MARGIN_S = 10  # after the drain: closing connections and the engine
+
+
+def router_termination_grace_s(config: Config) -> int:
+    """The router pod's terminationGracePeriodSeconds: the preStop pause plus the whole drain."""
+    return ROUTER_PRESTOP_S + math.ceil(config.router.shutdown_grace_s) + ROUTER_EXIT_MARGIN_S
+
+
 def _router_deployment(config: Config, spec: Variant) -> Manifest:
     cluster = cluster_config(config, spec)
     config_text = router_config_yaml(config, spec)
@@ -249,12 +259,15 @@ def _router_deployment(config: Config, spec: Variant) -> Manifest:
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
                          _model_mount(True), tmp_mount],
         "securityContext": _restricted(),
+        # Endpoints drop the pod while it still serves; only then SIGTERM starts the router's drain.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(ROUTER_PRESTOP_S)]}}},
     }
     spec_files = [f"{cluster.task_dir(task)}/jv4.json" for task in cluster.tasks]
     annotations = {"checksum/config": hashlib.sha256(config_text.encode()).hexdigest()[:16],
                    "prometheus.io/scrape": "true", "prometheus.io/port": str(cluster.router.port),
                    "prometheus.io/path": "/metrics"}
     pod = {"enableServiceLinks": False, "automountServiceAccountToken": False,
+           "terminationGracePeriodSeconds": router_termination_grace_s(cluster),
            "securityContext": _pod_security(fs_group=False),
            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                           "whenUnsatisfiable": "ScheduleAnyway",

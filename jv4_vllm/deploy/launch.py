@@ -3,10 +3,18 @@
 The process helpers here (:func:`spawn`, :func:`start_deployment`, :func:`wait_until_up`,
 :func:`stop_children`, :func:`free_port`) are the only ones: the benchmark and the tests
 start and stop their processes with them too.
+
+``up`` supervises without windows: its signal handler only counts signals (it never raises into
+whatever the code was doing), every child is recorded as soon as ``Popen`` returns, and the
+handlers stay installed until every child has been reaped. A second signal escalates to SIGKILL
+of every child's process group; it never abandons them. On Linux each child also gets
+``PR_SET_PDEATHSIG``: if ``up`` itself is killed, its children die with it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shlex
 import signal
@@ -14,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -29,6 +37,7 @@ __all__ = ["Child", "free_port", "serve_adapter", "spawn", "start_deployment", "
 
 STOP_GRACE_S = 20.0
 LOG_TAIL_CHARS = 3000
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def serve_adapter(config: Config, task: str, host: str = "0.0.0.0") -> int:
@@ -63,10 +72,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec hook: the child gets SIGKILL when ``parent`` dies (Linux), even if it died already."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name, use_errno=True) if name and sys.platform.startswith("linux") else None
+
+    def arm() -> None:
+        if libc is None:
+            return
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return arm
+
+
 def spawn(name: str, command: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
-          unset: Collection[str] = ()) -> Child:
+          unset: Collection[str] = (), die_with_parent: bool = False) -> Child:
     """Start ``command`` in the background, ``env`` over this environment less ``unset``, output to
-    ``log_dir/name.log``."""
+    ``log_dir/name.log``. ``die_with_parent``: the child is killed when this process dies (Linux;
+    only from the thread that lives as long as the process, as PDEATHSIG follows the forking thread)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")
@@ -75,24 +100,30 @@ def spawn(name: str, command: list[str], log_dir: Path, env: Mapping[str, str] |
     # Own process group: stopping it reaches the server's helpers too.
     environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     process = subprocess.Popen(command, env=environment, stdout=log_file,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                               preexec_fn=_die_with(os.getpid()) if die_with_parent else None)
     return Child(name, process, log_path, log_file)
 
 
-def start_deployment(config: Config, task: str, *, port: int | None = None, name: str | None = None) -> Child:
+def start_deployment(config: Config, task: str, *, port: int | None = None, name: str | None = None,
+                     die_with_parent: bool = False) -> Child:
     """Start one task's vLLM server on loopback in the background."""
     command = local_command(config, task, host="127.0.0.1", port=port)
-    return spawn(name or f"vllm-{task}", command, config.log_dir, config.vllm.env)
+    return spawn(name or f"vllm-{task}", command, config.log_dir, config.vllm.env, die_with_parent=die_with_parent)
+
+
+def kill_children(children: Sequence[Child], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every child's whole process group (safe to call from a signal handler)."""
+    for child in list(children):
+        try:
+            os.killpg(child.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stop_children(children: list[Child]) -> None:
     """SIGTERM every child's process group, then SIGKILL what is still alive after a grace period."""
-    for child in children:
-        if child.process.poll() is None:
-            try:
-                os.killpg(child.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    kill_children([child for child in children if child.process.poll() is None], signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     for child in children:
         try:
@@ -146,43 +177,74 @@ def _router_url(config: Config) -> str:
     return f"http://{host}:{config.router.port}"
 
 
-class _Stop(Exception):
-    pass
+class _Supervisor:
+    """``up``'s signal handling: the handler only counts; a second signal kills every child at once."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self.signals: list[int] = []
+
+    def handle(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        if len(self.signals) > 1:
+            kill_children(self.children)
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.signals)
+
+    def start(self, child: Callable[[], Child]) -> None:
+        """Start and record a child, unless a signal came first (a later one finds it recorded)."""
+        if not self.stopping:
+            self.children.append(child())
 
 
 def up(config: Config, config_path: Path) -> int:
     """Prepare, start the three deployments and the router, wait for /ready, supervise."""
     _prepare_missing(config)
-    children: list[Child] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = _Supervisor()
+    children = supervisor.children
+    previous = {s: signal.signal(s, supervisor.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for task in config.tasks:
-            children.append(start_deployment(config, task, port=config.deployments[task].port))
-        router_cmd = [sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(config_path)]
-        children.append(spawn("router", router_cmd, config.log_dir))
-        url = _router_url(config)
-        print(f"starting {len(children) - 1} vLLM deployments and the router (logs in {config.log_dir}/)", flush=True)
-        # /ready is 200 once ANY task can serve; up waits until every task can.
-        wait_until_up([f"{url}/ready?all=true"], children, config.backend.startup_timeout_s)
-        print(f"ready: {url}/v1/embeddings", flush=True)
-        print(f"  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{config.model_name}\", \"input\": [\"hello\"], \"task\": \"retrieval.query\"}}'",
-              flush=True)
-        while True:
-            for child in children:
-                child.check()
-            time.sleep(1.0)
-    except _Stop as stop:
-        print(f"{stop}: stopping the stack", flush=True)
-        return 0
+        return _supervise(config, config_path, supervisor)
     except (RuntimeError, TimeoutError) as failure:
         print(f"error: {failure}; stopping the stack", file=sys.stderr, flush=True)
         return 1
     finally:
+        if len(supervisor.signals) > 1:
+            kill_children(children)
+        stop_children(children)  # the handlers stay: a signal now escalates to SIGKILL
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        stop_children(children)
+
+
+def _supervise(config: Config, config_path: Path, supervisor: _Supervisor) -> int:
+    """Start the stack and watch it until a signal (0) or a child's death (RuntimeError)."""
+    children = supervisor.children
+    for task in config.tasks:
+        supervisor.start(lambda: start_deployment(config, task, port=config.deployments[task].port,
+                                                  die_with_parent=True))
+    router_cmd = [sys.executable, "-m", "jv4_vllm.cli", "router", "--config", str(config_path)]
+    supervisor.start(lambda: spawn("router", router_cmd, config.log_dir, die_with_parent=True))
+    url = _router_url(config)
+    if not supervisor.stopping:
+        print(f"starting {len(children) - 1} vLLM deployments and the router (logs in {config.log_dir}/)", flush=True)
+    # /ready is 200 once ANY task can serve; up waits until every task can.
+    deadline = time.monotonic() + config.backend.startup_timeout_s
+    while not supervisor.stopping and not _answers_200(f"{url}/ready?all=true"):
+        for child in children:
+            child.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not up after {config.backend.startup_timeout_s:.0f} s: {url}/ready?all=true")
+        time.sleep(0.5)
+    if not supervisor.stopping:
+        print(f"ready: {url}/v1/embeddings", flush=True)
+        print(f"  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{config.model_name}\", \"input\": [\"hello\"], \"task\": \"retrieval.query\"}}'",
+              flush=True)
+    while not supervisor.stopping:
+        for child in children:
+            child.check()
+        time.sleep(0.5)
+    print(f"{signal.Signals(supervisor.signals[0]).name}: stopping the stack", flush=True)
+    return 0

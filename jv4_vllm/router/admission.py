@@ -1,9 +1,12 @@
-"""What gets in, and what may keep running: API keys, the body cap, client disconnects.
+"""What gets in, and what may keep running: API keys, the body caps, client disconnects.
 
 :class:`AdmissionMiddleware` is plain ASGI so it acts before any parsing: a bad key is a
 401 whatever the body holds, and an oversized body is a 413 decided from
 ``Content-Length`` or, for chunked uploads, while the body streams in (it is never
-buffered past the cap). :func:`until_disconnect` runs a request's work and cancels it
+buffered past the cap). Every body then holds its bytes of the router's byte budget
+(:class:`~jv4_vllm.router.byte_budget.ByteBudget`) until its response has been sent; a body
+that does not fit yet waits unread. A chunked body (no ``Content-Length``) starts once the
+budget has room and counts its chunks as they arrive. :func:`until_disconnect` runs a request's work and cancels it
 when the client goes away, so abandoned requests stop costing backend calls.
 """
 
@@ -18,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.byte_budget import HOLD_BYTES, ByteBudget
 from jv4_vllm.router.errors import error_response
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "AdmissionMiddleware", "until_disconnect"]
@@ -32,10 +36,11 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 class AdmissionMiddleware:
     """API keys on ``/v1/*`` and ``/rerank``, and the request body cap, before the application sees a byte."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int, budget: ByteBudget) -> None:
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,27 +54,59 @@ class AdmissionMiddleware:
                 await self.app(scope, receive, send)
                 return
             declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
+            size = int(declared) if declared.isdigit() else None
+            if size is not None and size > self.max_body_bytes:
                 raise self._too_large()
-            body = await self._read_body(receive)
+            if size is not None and size > self.budget.capacity:
+                raise PayloadTooLargeError(
+                    f"the request body is {size} bytes; this router holds at most {self.budget.capacity} bytes of "
+                    "requests at once (limits.max_bytes_in_flight): split it", code="exceeds_bytes_in_flight")
         except Jv4Error as error:
             scope.setdefault("state", {})["error_type"] = error.type
             await error_response(error)(scope, receive, send)
             return
-        if body is None:  # the client left while sending
-            return
-        await self.app(scope, _replay(body, receive), send)
+        held = [size or 0]  # bytes of the budget this request holds (a chunked body adds as it arrives)
+        await self.budget.acquire(held[0])
+        try:
+            try:
+                body = await self._read_body(receive, counted=None if size is not None else held)
+            except Jv4Error as error:  # a chunked body over the cap
+                scope.setdefault("state", {})["error_type"] = error.type
+                await error_response(error)(scope, receive, send)
+                return
+            if body is None:  # the client left while sending
+                return
+            replay = _replay(body, receive)
+            del body  # from here the app's copy is the only one
+
+            def hold(size: int) -> None:
+                self.budget.take(size)
+                held[0] += size
+
+            token = HOLD_BYTES.set(hold)
+            try:
+                await self.app(scope, replay, send)
+            finally:
+                HOLD_BYTES.reset(token)
+        finally:
+            self.budget.release(held[0])
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"the request body is larger than {self.max_body_bytes} bytes")
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, counted: list[int] | None) -> bytes | None:
+        """The whole body (None if the client left); with ``counted``, each chunk is taken from the
+        budget as it comes and added there."""
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
-            body += message.get("body", b"")
+            chunk = message.get("body", b"")
+            if counted is not None:
+                self.budget.take(len(chunk))
+                counted[0] += len(chunk)
+            body += chunk
             if len(body) > self.max_body_bytes:
                 raise self._too_large()
             if not message.get("more_body", False):
@@ -78,13 +115,11 @@ class AdmissionMiddleware:
 
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive that yields the buffered body once, then the connection's own messages."""
-    sent = False
+    pending: list[bytes] = [body]  # emptied once sent: the app's copy is then the only one
 
     async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
         return await receive()
 
     return replay

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
+import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
@@ -22,6 +22,8 @@ from jv4_vllm.router.admission import (
     until_disconnect,
 )
 from jv4_vllm.router.auth import ApiKeys
+from jv4_vllm.router.byte_budget import ByteBudget
+from jv4_vllm.router.drain import AFTER_DRAIN_S, Drain, DrainingServer, DrainMiddleware
 from jv4_vllm.router.errors import install_error_handler
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
 from jv4_vllm.router.process import freeze_startup_objects, tune_process
@@ -32,12 +34,13 @@ from jv4_vllm.router.protocol import (
     ModelList,
     error_responses,
 )
+from jv4_vllm.router.rendering import render_chunks
+from jv4_vllm.router.request_ids import RequestIdMiddleware
 from jv4_vllm.router.rerank import routes as rerank_routes
 from jv4_vllm.router.serving import (
     decode_gate,
     embed_items,
-    off_loop_if_large,
-    render_embeddings,
+    large_response,
     request_items,
 )
 
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
 __all__ = ["create_app", "run"]
+
+log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = error_responses()
 
@@ -62,21 +67,22 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     state = request.app.state
     engine: Engine = state.engine
 
-    async def work() -> bytes:
+    async def work() -> bytes | Iterator[bytes]:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
         items = await request_items(body, state.config.limits, state.decode_gate)
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
-        render = functools.partial(render_embeddings, result, model=body.model or engine.model_name,
-                                   embedding_type=body.output_type(), multivector=options.multivector,
-                                   pages=items.pages)
-        return await off_loop_if_large(render, result)
+        chunks = render_chunks(result, model=body.model or engine.model_name, embedding_type=body.output_type(),
+                               multivector=options.multivector, pages=items.pages)
+        return chunks if large_response(result) else b"".join(chunks)
 
     finished, content = await until_disconnect(request, work())
     if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return Response(content, media_type="application/json")
+    if isinstance(content, bytes):
+        return Response(content, media_type="application/json")
+    return StreamingResponse(content, media_type="application/json")  # sync chunks: iterated in worker threads
 
 
 @routes.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
@@ -98,6 +104,9 @@ async def ready(request: Request, all: bool = False) -> Response:
     """200 while at least one task has a healthy backend, so healthy tasks keep serving when
     another task's deployment is down; the body gives each task's state. 503 when none has
     (with ``?all=true``: unless every task has one, for start-up scripts)."""
+    if request.app.state.drain.draining:
+        return _json({"status": "shutting_down", "message": "this router is draining its requests before it exits"},
+                     status_code=503, headers={"Retry-After": "1"})
     tasks = request.app.state.engine.readiness()
     states = {task: "ready" if ok else "unavailable" for task, ok in tasks.items()}
     down = [task for task, ok in tasks.items() if not ok]
@@ -140,21 +149,41 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.config = config.model_copy(update={"limits": model_image_limits(config)})  # pixels follow the model
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
-    app.state.decode_gate = decode_gate()
+    app.state.decode_gate = decode_gate(app.state.config.limits)  # the input pools
+    app.state.drain = Drain(config.router.shutdown_grace_s)
     install_error_handler(app)
     app.include_router(routes)
     app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
-    app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
+    app.state.byte_budget = ByteBudget(config.limits.max_bytes_in_flight)
+    app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes,
+                       budget=app.state.byte_budget)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(RequestIdMiddleware)
+    if not keys.enabled and not _loopback(config.router.host):
+        log.warning("SECURITY: the router listens on %s with no API keys: anyone who can reach port %d can use "
+                    "the model. Set %s (or router.api_keys_file), or listen on 127.0.0.1.",
+                    config.router.host, config.router.port, config.router.api_keys_env)
     return app
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(config: Config) -> None:
-    """Serve the router with uvicorn (uvloop, httptools) until interrupted."""
+    """Serve the router with uvicorn (uvloop, httptools) until a signal, then drain (:mod:`.drain`)."""
     level = config.router.log_level.lower()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level.upper())
     tune_process()
-    uvicorn.run(create_app(config), host=config.router.host, port=config.router.port, loop="uvloop",
-                http="httptools", log_level=level, timeout_graceful_shutdown=10)
+    app = create_app(config)
+    server_config = uvicorn.Config(app, host=config.router.host, port=config.router.port, loop="uvloop",
+                                   http="httptools", log_level=level, timeout_graceful_shutdown=AFTER_DRAIN_S)
+    DrainingServer(server_config, app.state.drain).run()

@@ -4,6 +4,11 @@
 :mod:`jv4_vllm.errors` class and ``Retry-After`` when the error carries one. Request
 validation failures become 400s naming the field path (``input[3].image``). Anything
 unexpected is a generic 500 "internal error"; its details go to the log only.
+
+A 5xx that a backend caused (502) or nobody expected (500) never shows its text to the client:
+vLLM's raw message and replica addresses go to the log under the request id, and the client
+gets a stable message naming the input and that id (also in ``request_id`` and the
+``X-Request-ID`` header). 4xx messages, including vLLM's own 4xx about the request, are kept.
 """
 
 from __future__ import annotations
@@ -18,18 +23,37 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from jv4_vllm.errors import InvalidRequestError, Jv4Error
+from jv4_vllm.core.replicas import INPUT_FAILED
+from jv4_vllm.core.request_id import current_request_id
+from jv4_vllm.errors import BackendError, InvalidRequestError, Jv4Error
 from jv4_vllm.router.protocol import field_path
 
-__all__ = ["as_jv4_error", "error_response", "install_error_handler"]
+__all__ = ["as_jv4_error", "error_response", "install_error_handler", "public_error"]
 
 log = logging.getLogger(__name__)
 
 
+def public_error(error: Jv4Error, request_id: str) -> Jv4Error:
+    """What the client may see of ``error``: 500s and 502s lose their text, keep param and code."""
+    if error.status not in (500, 502):
+        return error
+    if not isinstance(error, BackendError):
+        return Jv4Error(f"internal error (request id {request_id})", code=error.code)
+    where = f"{error.param}: " if error.param else ""
+    if error.code == INPUT_FAILED:
+        message = (f"{where}the model failed on this input on every replica it was sent to; sending it again "
+                   f"will fail the same way (request id {request_id})")
+    else:
+        message = f"{where}the backend failed; retry later (request id {request_id})"
+    return BackendError(message, param=error.param, code=error.code)
+
+
 def error_response(error: Jv4Error) -> Response:
+    request_id = current_request_id()
+    body = public_error(error, request_id).to_body()
+    body["error"]["request_id"] = request_id
     headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after is not None else None
-    return Response(orjson.dumps(error.to_body()), status_code=error.status, headers=headers,
-                    media_type="application/json")
+    return Response(orjson.dumps(body), status_code=error.status, headers=headers, media_type="application/json")
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
@@ -76,15 +100,18 @@ def as_jv4_error(exc: Exception) -> Jv4Error | None:
 async def handle_error(request: Request, exc: Exception) -> Response:
     error = as_jv4_error(exc)
     if error is None and isinstance(exc, HTTPException):  # unknown route, wrong method
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None},
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None,
+                          "request_id": current_request_id()},
                 "detail": str(exc.detail)}
         return Response(orjson.dumps(body), status_code=exc.status_code, headers=exc.headers,
                         media_type="application/json")
     if error is None:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("request %s: unhandled error on %s %s", current_request_id(), request.method, request.url.path,
+                  exc_info=exc)
         error = Jv4Error("internal error")
     elif error.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
+        log.warning("request %s: %s %s -> %d: %s", current_request_id(), request.method, request.url.path,
+                    error.status, error.message)
     request.state.error_type = error.type
     return error_response(error)
 

@@ -8,19 +8,26 @@ runs in a worker thread, like every other bulk step, so the event loop stays fre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import orjson
+import threading
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from jv4_vllm.config import LimitsConfig
-from jv4_vllm.core.images import load_image
-from jv4_vllm.core.pdf import PdfPlan, check_page_budget, load_pdf, render_pdf
+from jv4_vllm.core.images import decode_image, fetch_image_url, is_url, read_image
+from jv4_vllm.core.pdf import (
+    PdfPlan,
+    check_page_budget,
+    fetch_pdf,
+    is_pdf_url,
+    plan_pdf,
+    read_pdf_bytes,
+    render_plan,
+)
 from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
-from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.router.byte_budget import hold_more
+from jv4_vllm.router.input_pools import InputPools
 from jv4_vllm.router.protocol import (
     BytesObject,
     EmbeddingsRequest,
@@ -33,15 +40,11 @@ from jv4_vllm.router.protocol import (
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
-__all__ = ["RequestItems", "decode_gate", "embed_items", "off_loop_if_large", "read_items", "render_embeddings",
-           "request_items"]
+__all__ = ["RequestItems", "decode_gate", "embed_items", "large_response", "read_items", "request_items"]
 
-IMAGE_DECODE_CONCURRENCY = 4  # image decodes at once in the whole router (they share the CPU with pooling)
-
-
-def decode_gate() -> asyncio.Semaphore:
-    """The router's one cap on concurrent image reads and decodes, made once per app."""
-    return asyncio.Semaphore(IMAGE_DECODE_CONCURRENCY)
+def decode_gate(limits: LimitsConfig) -> InputPools:
+    """The router's input pools (URL fetches, image decodes, PDF renders), made once per app."""
+    return InputPools(limits)
 
 
 class RequestItems(list[Item]):
@@ -80,14 +83,15 @@ async def embed_items(engine: Engine, items: RequestItems, options: EmbedOptions
 INLINE_RENDER_VALUES = 65_536  # responses with more floats than this are rendered in a worker thread
 
 
-async def off_loop_if_large(render: Callable[[], bytes], result: EmbedResult) -> bytes:
-    """Render small responses on the event loop (a thread hop costs more than they do), large ones
-    in a worker thread so a long document's response never stalls the loop."""
+def large_response(result: EmbedResult) -> bool:
+    """Small responses are rendered whole on the event loop (a thread hop costs more than they do);
+    large ones are streamed, rendered chunk by chunk in worker threads, so a long document's
+    response neither stalls the loop nor exists whole in memory."""
     values = sum(a.size for a in result.embeddings) + sum(a.size for a in result.multivectors or ())
-    return await asyncio.to_thread(render) if values > INLINE_RENDER_VALUES else render()
+    return values > INLINE_RENDER_VALUES
 
 
-async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: InputPools) -> RequestItems:
     """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap);
     too many inputs is a 413."""
     raw = [body.input] if isinstance(body.input, str) else body.input
@@ -110,7 +114,7 @@ def _image_source(value: object) -> str | None:
 
 
 async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject | PdfObject],
-                     limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+                     limits: LimitsConfig, gate: InputPools) -> RequestItems:
     """Texts as they are; images and PDFs read concurrently, then PDF pages rendered.
     A failure reports the lowest failing index."""
     sources = [_image_source(value) for value in raw]
@@ -127,18 +131,27 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
     plans: dict[int, PdfPlan] = {}
 
     async def read(index: int, value: str) -> None:
-        async with gate:
-            try:
-                items[index] = await load_image(value, limits, index)
-            except Jv4Error as exc:
-                failures[index] = exc
+        try:
+            if is_url(value):
+                async with gate.fetches:
+                    data = await fetch_image_url(value, limits, index)
+                items[index] = image = await gate.decode(decode_image, data, limits, index)
+            else:
+                items[index] = image = await gate.decode(read_image, value, limits, index)
+            hold_more(2 * len(image.data))  # the image, and its base64 copy in the /pooling call
+        except Jv4Error as exc:
+            failures[index] = exc
 
     async def plan(index: int, value: PdfObject) -> None:
-        async with gate:
-            try:
-                plans[index] = await load_pdf(value.pdf, value.pages, limits, index)
-            except Jv4Error as exc:
-                failures[index] = exc
+        try:
+            if is_pdf_url(value.pdf):
+                async with gate.fetches:
+                    data = await fetch_pdf(value.pdf, limits, index)
+            else:
+                data = await gate.decode(read_pdf_bytes, value.pdf, limits, index)
+            plans[index] = await gate.render(plan_pdf, data, value.pages, limits, index)
+        except Jv4Error as exc:
+            failures[index] = exc
 
     await asyncio.gather(*(read(i, v) for i, v in images), *(plan(i, v) for i, v in pdfs))
     if failures:
@@ -149,13 +162,14 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
 
 
 async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: LimitsConfig,
-                      gate: asyncio.Semaphore) -> RequestItems:
+                      gate: InputPools) -> RequestItems:
     """Every planned PDF rendered (within the request's page budget) and spliced in at its input."""
     check_page_budget(plans, limits)
 
     async def render(plan: PdfPlan) -> tuple[int, tuple[int, ...], tuple[Item, ...]]:
-        async with gate:
-            rendered = await render_pdf(plan, limits)
+        cancel = threading.Event()
+        rendered = await gate.render(render_plan, plan, limits, cancel, cancel=cancel)
+        hold_more(2 * sum(len(image.data) for image in rendered.images))
         return plan.index, rendered.pages, rendered.images
 
     done = {index: (pages, images) for index, pages, images in
@@ -167,62 +181,3 @@ async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: Li
         else:
             flat.append(item)  # type: ignore[arg-type]
     return RequestItems(flat, {index: pages for index, (pages, _) in done.items()})
-
-
-def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType,
-                      multivector: bool, pages: Mapping[int, Sequence[int]] | None = None) -> bytes:
-    """The JSON body for ``result`` (CPU-bound: call it from a worker thread).
-
-    ``pages`` (:attr:`RequestItems.pages`) groups the page vectors of each PDF input into one
-    ``{"object": "pages", "index", "pages": [{"page", ...}]}`` item, so ``data[i]`` answers ``input[i]``.
-    """
-    item, arrays = (_multivector_item if multivector else _vector_item), result.embeddings
-    if result.multivectors is not None:  # dense and multi-vector from one pass
-        item, arrays = _both_item, list(zip(result.multivectors, result.embeddings))  # type: ignore[assignment]
-    if pages:
-        data = _grouped(arrays, pages, item, embedding_type)
-    else:
-        data = [item(index, array, embedding_type) for index, array in enumerate(arrays)]
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return orjson.dumps({"object": "list", "model": model, "data": data, "usage": usage},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _grouped(arrays: Sequence[np.ndarray], pages: Mapping[int, Sequence[int]],
-             item: Callable[[int, np.ndarray, EmbeddingType], dict[str, Any]],
-             embedding_type: EmbeddingType) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = []
-    position, index = 0, 0
-    while position < len(arrays):
-        if index in pages:
-            entries = []
-            for number in pages[index]:
-                fields = item(index, arrays[position], embedding_type)
-                del fields["index"]
-                entries.append({"page": number, **fields})
-                position += 1
-            data.append({"object": "pages", "index": index, "pages": entries})
-        else:
-            data.append(item(index, arrays[position], embedding_type))
-            position += 1
-        index += 1
-    return data
-
-
-def _vector_item(index: int, vector: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
-    embedding = (np.ascontiguousarray(vector, dtype=np.float32) if embedding_type == "float"
-                 else encode_vector(vector, embedding_type))
-    return {"object": "embedding", "index": index, "embedding": embedding}
-
-
-def _multivector_item(index: int, matrix: np.ndarray, embedding_type: EmbeddingType) -> dict[str, Any]:
-    fields = ({"embeddings": np.ascontiguousarray(matrix, dtype=np.float32)} if embedding_type == "float"
-              else encode_multivector(matrix, embedding_type))
-    return {"object": "embeddings", "index": index, **fields}
-
-
-def _both_item(index: int, pair: tuple[np.ndarray, np.ndarray], embedding_type: EmbeddingType) -> dict[str, Any]:
-    """A multi-vector item that also carries the input's single vector as ``embedding``."""
-    matrix, vector = pair
-    return {**_multivector_item(index, matrix, embedding_type),
-            "embedding": _vector_item(index, vector, embedding_type)["embedding"]}
