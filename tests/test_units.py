@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import subprocess
@@ -13,7 +12,6 @@ import pytest
 
 from jv4_vllm.core import pooling
 from jv4_vllm.core import wire
-from jv4_vllm.config import load_config
 from jv4_vllm.errors import (
     BackendUnavailableError,
     InputTooLongError,
@@ -106,21 +104,6 @@ def test_parse_task_roles_and_errors():
         parse_task("retrieval.document", TASKS)
 
 
-def test_config_env_twins_override_yaml(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("deployments:\n  text-matching: {urls: ['http://a:1']}\n  code: {urls: ['http://b:2']}\n")
-    env = {"JV4__ROUTER__PORT": "9100", "JV4__DEPLOYMENTS__TEXT_MATCHING__URLS": '["http://c:3", "http://d:4"]',
-           "JV4__BACKEND__WIRE_DTYPE": "bfloat16", "OTHER": "x"}
-    config = load_config(path, env)
-    assert config.router.port == 9100 and config.backend.wire_dtype == "bfloat16"
-    assert config.deployments["text-matching"].urls == ["http://c:3", "http://d:4"]
-    assert config.deployments["code"].urls == ["http://b:2"]
-    with pytest.raises(ValueError):
-        load_config(path, {"JV4__BACKEND__WIRE_DTYPE": "int8"})
-    with pytest.raises(ValueError):
-        load_config(path, {"JV4__ROUTER__NO_SUCH_KEY": "1"})
-
-
 @pytest.mark.parametrize("error", [
     InvalidRequestError("bad dims", param="dimensions"),
     InputTooLongError("too long", param="input[2]"),
@@ -148,42 +131,6 @@ def test_serving_imports_leave_out_torch_and_dev_tools(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
     assert report == {"loaded": [], "has_module": True}, done.stderr
-
-
-def _cli_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], argparse.Action]:
-    """Every flag of ``jv4-vllm`` and of its commands (``bench`` parses its own: a development tool)."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    flags = {("", a.option_strings[-1]): a for a in parser._actions if a.option_strings and a.dest != "help"}
-    for name, command in commands.items():
-        if name != "bench":
-            flags |= {(name, a.option_strings[-1]): a for a in command._actions
-                      if a.option_strings and a.dest != "help"}
-    return flags
-
-
-def test_every_cli_flag_takes_its_default_from_an_environment_twin(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jv4_vllm import cli
-
-    flags = _cli_flags(cli._parser())
-    assert {("", "--log-level"), ("prepare", "--tasks"), ("router", "--config")} <= set(flags)
-    for (command, flag), action in flags.items():
-        value = str(action.choices[0]) if action.choices else "3" if action.type in (int, float) else "from-env"
-        twin = "JV4_" + flag.lstrip("-").upper().replace("-", "_")
-        monkeypatch.setenv(twin, value)
-        again = _cli_flags(cli._parser())[(command, flag)]
-        monkeypatch.delenv(twin)
-        assert again.default == (action.type or str)(value) and not again.required, (command, flag, twin)
-
-
-def test_prepare_tasks_by_flag_or_by_jv4_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jv4_vllm import cli
-
-    base = ["prepare", "--source", "src", "--out", "out"]
-    assert cli._names(cli._parser().parse_args(base).tasks) is None  # all tasks
-    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code", "retrieval"]).tasks) == ["code", "retrieval"]
-    monkeypatch.setenv("JV4_TASKS", "retrieval, text-matching code")
-    assert cli._names(cli._parser().parse_args(base).tasks) == ["retrieval", "text-matching", "code"]
-    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code,retrieval"]).tasks) == ["code", "retrieval"]
 
 
 _ROUTER_PROCESS_PROBE = """
