@@ -100,6 +100,9 @@ class LimitsConfig(_Strict):
     max_pdf_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Bytes of one PDF file at most")
     max_pdf_pages_per_request: int = Field(64, gt=0, description="Rendered pages over all PDFs of a request")
     max_rerank_documents: int = Field(1000, gt=0, description="Documents of one rerank request at most")
+    max_kept_pdf_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="PDF bytes the router keeps for the caller's later page batches "
+                                             "(the client uploads a PDF once); 0 keeps none")
 
 
 class RouterConfig(_Strict):

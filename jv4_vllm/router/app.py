@@ -23,6 +23,7 @@ from jv4_vllm.router.admission import (
 )
 from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.errors import install_error_handler
+from jv4_vllm.router.kept_pdfs import KeptPdfs
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
 from jv4_vllm.router.process import freeze_startup_objects, tune_process
 from jv4_vllm.router.protocol import (
@@ -65,7 +66,8 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     async def work() -> bytes:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
-        items = await request_items(body, state.config.limits, state.decode_gate)
+        items = await request_items(body, state.config.limits, state.decode_gate, state.kept_pdfs,
+                                    KeptPdfs.caller(request.headers.get("authorization")))
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
         render = functools.partial(render_embeddings, result, model=body.model or engine.model_name,
@@ -141,6 +143,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
     app.state.decode_gate = decode_gate()
+    app.state.kept_pdfs = KeptPdfs(config.limits.max_kept_pdf_bytes)
     install_error_handler(app)
     app.include_router(routes)
     app.include_router(rerank_routes)

@@ -99,11 +99,16 @@ class BytesObject(_Schema):
 
 
 class PdfObject(_Schema):
-    pdf: StrictStr = Field(description="A PDF as base64, a data URI (data:application/pdf;base64,...) or, when "
-                                       "the server allows URLs, an http(s) URL. Each selected page is rendered "
+    pdf: StrictStr = Field(description="A PDF as base64, a data URI (data:application/pdf;base64,...), when "
+                                       "the server allows URLs an http(s) URL, or sha256:<hex> naming a PDF "
+                                       "this caller sent before with keep. Each selected page is rendered "
                                        "at limits.render_dpi and embedded as an image.")
     pages: StrictStr | None = Field(
         None, description='Pages to embed, 1-based: "1-3,7", "5-" (to the end), "-2"; default: every page.')
+    keep: StrictBool = Field(
+        False, description="Keep the file on the router (bounded by limits.max_kept_pdf_bytes) so later requests "
+                           "may send sha256:<hex of the file> instead of its bytes; a reference the router no "
+                           "longer holds is a 400 with code pdf_not_kept.")
 
 
 # The key that names an object item's kind; an object with none or several of them is refused.

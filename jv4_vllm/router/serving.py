@@ -21,6 +21,7 @@ from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.router.kept_pdfs import KeptPdfs, is_reference
 from jv4_vllm.router.protocol import (
     BytesObject,
     EmbeddingsRequest,
@@ -87,15 +88,16 @@ async def off_loop_if_large(render: Callable[[], bytes], result: EmbedResult) ->
     return await asyncio.to_thread(render) if values > INLINE_RENDER_VALUES else render()
 
 
-async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
-    """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap);
-    too many inputs is a 413."""
+async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: asyncio.Semaphore,
+                        kept: KeptPdfs | None = None, caller: str = "") -> RequestItems:
+    """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap;
+    ``kept``: PDFs kept for ``caller``); too many inputs is a 413."""
     raw = [body.input] if isinstance(body.input, str) else body.input
     if len(raw) > limits.max_inputs_per_request:
         raise PayloadTooLargeError(
             f"input has {len(raw)} items; the limit is {limits.max_inputs_per_request} per request",
             param="input", code="too_many_inputs")
-    return await read_items(raw, limits, gate)
+    return await read_items(raw, limits, gate, kept, caller)
 
 
 def _image_source(value: object) -> str | None:
@@ -110,8 +112,11 @@ def _image_source(value: object) -> str | None:
 
 
 async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject | PdfObject],
-                     limits: LimitsConfig, gate: asyncio.Semaphore) -> RequestItems:
+                     limits: LimitsConfig, gate: asyncio.Semaphore, kept: KeptPdfs | None = None,
+                     caller: str = "") -> RequestItems:
     """Texts as they are; images and PDFs read concurrently, then PDF pages rendered.
+    PDFs marked ``keep`` are kept in ``kept`` for ``caller``, and ``sha256:`` references read
+    from it (without ``kept``, a reference is read as base64 and refused as such).
     A failure reports the lowest failing index."""
     sources = [_image_source(value) for value in raw]
     items: list[Item | None] = [
@@ -136,7 +141,10 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
     async def plan(index: int, value: PdfObject) -> None:
         async with gate:
             try:
-                plans[index] = await load_pdf(value.pdf, value.pages, limits, index)
+                source = kept.get(caller, value.pdf, index) if kept and is_reference(value.pdf) else value.pdf
+                plans[index] = await load_pdf(source, value.pages, limits, index)
+                if kept and value.keep:
+                    await asyncio.to_thread(kept.put, caller, plans[index].data)
             except Jv4Error as exc:
                 failures[index] = exc
 
