@@ -1,4 +1,4 @@
-"""Fast unit tests of the pure modules: pooling math, wire codecs, config twins, the error tree."""
+"""Fast unit tests of the pure modules: the serving folds' pooling, wire codecs, the error tree."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from jv4_vllm.core import pooling
 from jv4_vllm.core import wire
+from jv4_vllm.core.folds import Projector, SpanFold, WindowSink
+from jv4_vllm.core.stream import decode_body
 from jv4_vllm.errors import (
     BackendUnavailableError,
     InputTooLongError,
@@ -26,29 +27,34 @@ RNG = np.random.default_rng(0)
 TASKS = ("retrieval", "text-matching", "code")
 
 
-def test_single_vector_is_normalised_mean_of_the_span():
+def test_single_vector_is_the_normalised_mean_of_its_span() -> None:
+    """The serving fold (core/folds.py), not a second copy of its math."""
     rows = RNG.normal(size=(10, 16)).astype(np.float16)
-    got = pooling.single_vector(rows, start=2, stop=7)
+    fold = SpanFold([(2, 7)])
+    WindowSink(fold).feed(0, rows)
+    got = fold.single_vectors(None, ())[0]
     want = rows[2:7].astype(np.float64).mean(0)
     np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
     assert got.dtype == np.float32
 
 
-def test_matryoshka_truncates_then_renormalises_and_refuses_other_dims():
+def test_matryoshka_truncates_then_renormalises_and_refuses_other_dims() -> None:
     rows = RNG.normal(size=(4, 16)).astype(np.float32)
-    got = pooling.single_vector(rows, dim=8, allowed_dims=(4, 8, 16))
-    full = pooling.single_vector(rows)
+    fold = SpanFold([(0, 4)])
+    WindowSink(fold).feed(0, rows)
+    full = fold.single_vectors(None, ())[0]
+    got = fold.single_vectors(8, (4, 8, 16))[0]
     np.testing.assert_allclose(got, full[:8] / np.linalg.norm(full[:8]), rtol=1e-6)
     with pytest.raises(ValueError, match="matryoshka"):
-        pooling.single_vector(rows, dim=5, allowed_dims=(4, 8, 16))
-    with pytest.raises(ValueError, match="empty"):
-        pooling.mean_pool(rows, 3, 3)
+        fold.single_vectors(5, (4, 8, 16))
 
 
-def test_multi_vector_projects_every_row_and_normalises_each():
-    rows = RNG.normal(size=(5, 16)).astype(np.float16)
+def test_multi_vector_projects_every_row_and_normalises_each() -> None:
+    rows = RNG.normal(size=(5, 16)).astype(np.float32)
     weight, bias = RNG.normal(size=(4, 16)).astype(np.float32), RNG.normal(size=4).astype(np.float32)
-    got = pooling.multi_vector(rows, weight, bias)
+    fold = SpanFold(multi_spans=[(0, 5)], projector=Projector(weight, bias))
+    WindowSink(fold).feed(0, rows)
+    got = fold.multi_vectors()[0]
     want = rows.astype(np.float64) @ weight.T + bias
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
@@ -70,10 +76,10 @@ def _bytes_response(arrays: list[np.ndarray], dtype: str) -> tuple[bytes, str]:
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 0), ("float16", 1e-3), ("bfloat16", 1e-2)])
-def test_decode_pooling_bytes_every_dtype_in_prompt_order(dtype, tolerance):
+def test_decode_body_every_dtype_in_prompt_order(dtype, tolerance):
     arrays = [RNG.normal(size=(n, 8)).astype(np.float32) for n in (3, 5)]
     body, metadata = _bytes_response(arrays, dtype)
-    decoded, tokens = wire.decode_pooling_bytes(body, metadata)
+    decoded, tokens = decode_body(body, metadata)
     assert tokens == 8 and [d.shape for d in decoded] == [(3, 8), (5, 8)]
     for got, want in zip(decoded, arrays):
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=tolerance, atol=tolerance)
