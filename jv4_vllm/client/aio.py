@@ -34,6 +34,7 @@ from jv4_vllm.core.pdf import (
 )
 from jv4_vllm.core.scoring import RerankHit, Scoring, rename_inputs
 from jv4_vllm.core.types import (
+    TASK_NAMES,
     EmbedOptions,
     EmbedResult,
     ImageInput,
@@ -46,7 +47,6 @@ from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
 __all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit", "Retries"]
 
-KNOWN_TASKS = ("retrieval", "text-matching", "code")
 PROGRESS_MIN_BATCHES = 4  # show a bar by default once a job spans this many requests
 Embeddings = np.ndarray | list[np.ndarray]
 
@@ -71,7 +71,7 @@ UNLIMITED_PAGES = 1 << 30  # the client splits a PDF into requests; each request
 
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
              truncate: bool, *, return_dense: bool = False, late_chunking: bool = False) -> EmbedOptions:
-    name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", KNOWN_TASKS)
+    name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", TASK_NAMES)
     both = return_multivector and return_dense
     if return_multivector and truncate_dim is not None and not both:
         raise InvalidRequestError("truncate_dim cannot be combined with return_multivector (unless return_dense: "
