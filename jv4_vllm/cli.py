@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("vllm-command", cmd_vllm_command, "Print the `vllm serve` command line of one task.")
     _add(p, "vllm-command", "--task", required=True, help="retrieval, text-matching or code")
-    _add(p, "vllm-command", "--model-root", default=None, help="directory holding the prepared tasks (default: prepared_dir)")
+    _add(p, "vllm-command", "--model-root", default=None,
+         help="directory holding the prepared tasks (default: prepared_dir)")
 
     command("router", cmd_router, "Run the OpenAI-compatible router.")
     command("up", cmd_up, "Prepare what is missing, start all deployments and the router, supervise them.")

@@ -172,7 +172,9 @@ class _EnvTwins(EnvSettingsSource):
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.spelled: dict[str, str] = {}  # model spelling -> the variable as the caller wrote it
         self._environ = environ
-        super().__init__(Config, case_sensitive=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__")  # type: ignore[arg-type]
+        # Config is a plain model (tests and tools build it directly): only its loading reads the environment
+        super().__init__(Config, case_sensitive=True, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
+                         env_nested_delimiter="__")
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         for name in self._environ:

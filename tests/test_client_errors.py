@@ -178,3 +178,13 @@ async def test_an_image_from_a_loopback_url_embeds_through_the_router(router_url
         from_bytes = await client.encode_image(image, task="retrieval")
     np.testing.assert_allclose(from_url, from_bytes, rtol=0, atol=0)
     assert np.linalg.norm(from_url) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_client_needs_a_url_and_its_result_types_come_from_the_root() -> None:
+    from jv4_vllm import Client, DenseAndMulti, RerankHit  # noqa: F401 - the import is the test
+
+    with pytest.raises(TypeError):
+        Client()  # type: ignore[call-arg]
+    for url in ("", "   "):
+        with pytest.raises(ValueError, match="router URL"):
+            AsyncClient(url)

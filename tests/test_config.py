@@ -19,7 +19,8 @@ DEMO = REPO / "configs" / "demo-cpu.yaml"
 
 def test_twins_override_yaml_keys_in_any_case(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("deployments:\n  text-matching: {urls: ['http://a:1'], port: 8002}\n  code: {urls: ['http://b:2']}\n")
+    path.write_text("deployments:\n  text-matching: {urls: ['http://a:1'], port: 8002}\n"
+                    "  code: {urls: ['http://b:2']}\n")
     env = {"JV4__ROUTER__PORT": "9100", "JV4__DEPLOYMENTS__TEXT_MATCHING__URLS": '["http://c:3", "http://d:4"]',
            "JV4__backend__Wire_Dtype": "bfloat16", "OTHER": "x"}
     config = load_config(path, env)

@@ -21,6 +21,7 @@ from jv4_vllm.client.fetch import fetch_own_url, is_http_url
 from jv4_vllm.client.retries import Retries
 from jv4_vllm.client.senders import EngineSender, RouterSender
 from jv4_vllm.config import Config, LimitsConfig, load_config
+from jv4_vllm.core.concurrency import all_or_first_error
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.image_rules import model_image_limits
 from jv4_vllm.core.images import ImageSource, load_image
@@ -90,8 +91,8 @@ class AsyncClient:
     def __init__(self, url: str, *, api_key: str | None = None, model: str = "jina-embeddings-v4",
                  timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = Retries()) -> None:
         if not isinstance(url, str) or not url.strip():
-            raise ValueError("give the router URL (AsyncClient('http://host:8080')), or use "
-                             "await AsyncClient.direct(config)")
+            raise ValueError(f"give the router URL (such as 'http://127.0.0.1:8080'), not {url!r}; to embed "
+                             "without a router use Client.direct(config) or AsyncClient.direct(config)")
         self._setup(RouterSender(url, api_key, model, timeout, retries=retries), LimitsConfig(allow_image_urls=True),
                     max_concurrency)
 
@@ -353,10 +354,5 @@ class AsyncClient:
             if first_alone and chunks:
                 await one(0, chunks[0])
                 start = 1
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for position in range(start, len(chunks)):
-                        group.create_task(one(position, chunks[position]))
-            except ExceptionGroup as failure:
-                raise failure.exceptions[0] from None
+            await all_or_first_error(one(position, chunks[position]) for position in range(start, len(chunks)))
         return results  # type: ignore[return-value]

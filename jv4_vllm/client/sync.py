@@ -73,7 +73,8 @@ class Client:
     @overload
     def encode_text(self, texts: str, *, task: str = ..., prompt_name: Role = ..., truncate_dim: None = ...,
                     return_multivector: Literal[True], return_dense: Literal[False] = ..., batch_size: int = ...,
-                    show_progress: bool | None = ..., truncate: bool = ..., late_chunking: bool = ...) -> np.ndarray: ...
+                    show_progress: bool | None = ..., truncate: bool = ...,
+                    late_chunking: bool = ...) -> np.ndarray: ...
     @overload
     def encode_text(self, texts: Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                     truncate_dim: None = ..., return_multivector: Literal[True], return_dense: Literal[False] = ...,

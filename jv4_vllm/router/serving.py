@@ -16,6 +16,7 @@ import orjson
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import load_image
+from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import PdfPlan, check_page_budget, load_pdf, render_pdf
 from jv4_vllm.core.scoring import rename_inputs
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
@@ -54,17 +55,16 @@ class RequestItems(list[Item]):
         self.pages = pages or {}
         self._owners: list[int] | None = None
 
+    @property
+    def layout(self) -> PageLayout:
+        return PageLayout.of_flat(len(self), self.pages)
+
     def input_index(self, position: int) -> int:
         """The input the item at ``position`` came from (all of a PDF's pages come from one)."""
         if not self.pages:
             return position
         if self._owners is None:
-            owners: list[int] = []
-            index = 0
-            while len(owners) < len(self):
-                owners.extend([index] * len(self.pages.get(index, (None,))))
-                index += 1
-            self._owners = owners
+            self._owners = self.layout.owners()
         return self._owners[position] if position < len(self._owners) else position
 
 
@@ -200,20 +200,16 @@ def _grouped(arrays: Sequence[np.ndarray], pages: Mapping[int, Sequence[int]],
              item: Callable[[int, np.ndarray, EmbeddingType], dict[str, Any]],
              embedding_type: EmbeddingType) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = []
-    position, index = 0, 0
-    while position < len(arrays):
-        if index in pages:
-            entries = []
-            for number in pages[index]:
-                fields = item(index, arrays[position], embedding_type)
-                del fields["index"]
-                entries.append({"page": number, **fields})
-                position += 1
-            data.append({"object": "pages", "index": index, "pages": entries})
-        else:
-            data.append(item(index, arrays[position], embedding_type))
-            position += 1
-        index += 1
+    for span in PageLayout.of_flat(len(arrays), pages).spans():
+        if span.pages is None:
+            data.append(item(span.index, arrays[span.start], embedding_type))
+            continue
+        entries = []
+        for number, array in zip(span.pages, arrays[span.start:span.stop]):
+            fields = item(span.index, array, embedding_type)
+            del fields["index"]
+            entries.append({"page": number, **fields})
+        data.append({"object": "pages", "index": span.index, "pages": entries})
     return data
 
 
