@@ -13,8 +13,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["SHARED_TWINS", "main", "twin_name"]
 
@@ -85,6 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_vllm_command(args: argparse.Namespace) -> int:
     import shlex
+
     from jv4_vllm.deploy.vllm_args import vllm_serve_command
     print(shlex.join(vllm_serve_command(_config(args), args.task, model_root=args.model_root)))
     return 0

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from jv4_vllm.client.fetch import fetch_own_url, is_http_url
-from jv4_vllm.client.retries import Retries
+from jv4_vllm.client.retries import DEFAULT_RETRIES, Retries
 from jv4_vllm.client.senders import EngineSender, RouterSender
 from jv4_vllm.config import Config, LimitsConfig, load_config
 from jv4_vllm.core.concurrency import all_or_first_error
@@ -89,7 +89,7 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, *, api_key: str | None = None, model: str = "jina-embeddings-v4",
-                 timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = Retries()) -> None:
+                 timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = DEFAULT_RETRIES) -> None:
         if not isinstance(url, str) or not url.strip():
             raise ValueError(f"give the router URL (such as 'http://127.0.0.1:8080'), not {url!r}; to embed "
                              "without a router use Client.direct(config) or AsyncClient.direct(config)")

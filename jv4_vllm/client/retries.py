@@ -16,9 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from jv4_vllm.errors import BackendUnavailableError, OverloadedError, ServiceUnreachableError
+from jv4_vllm.errors import (
+    BackendUnavailableError,
+    OverloadedError,
+    ServiceUnreachableError,
+)
 
-__all__ = ["NO_RETRIES", "Retries"]
+__all__ = ["DEFAULT_RETRIES", "NO_RETRIES", "Retries"]
 
 T = TypeVar("T")
 
@@ -60,3 +64,4 @@ class Retries:
 
 
 NO_RETRIES = Retries(attempts=1)
+DEFAULT_RETRIES = Retries()

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, overload
 import numpy as np
 
 from jv4_vllm.client.aio import AsyncClient, DenseAndMulti, Embeddings
-from jv4_vllm.client.retries import Retries
+from jv4_vllm.client.retries import DEFAULT_RETRIES, Retries
 from jv4_vllm.config import Config
 from jv4_vllm.core.images import ImageSource
 from jv4_vllm.core.pdf import PageSelection, PdfSource
@@ -35,7 +35,7 @@ class Client:
     """
 
     def __init__(self, url: str, *, api_key: str | None = None, model: str = "jina-embeddings-v4",
-                 timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = Retries()) -> None:
+                 timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = DEFAULT_RETRIES) -> None:
         self._start(AsyncClient(url, api_key=api_key, model=model, timeout=timeout, max_concurrency=max_concurrency,
                                 retries=retries))
 
