@@ -122,7 +122,7 @@ class Config(_Strict):
     source: str = Field("jinaai/jina-embeddings-v4", description="Checkpoint `prepare` reads: a Hugging Face id "
                                                                  "or a local directory")
     prepared_dir: Path = Field(Path("models/jina-embeddings-v4"), description="Where `prepare` writes one "
-                                                                              "checkpoint per task (DIR/<task>/)")
+                                                                              "checkpoint per task, one subdirectory each")
     log_dir: Path = Field(Path("logs"), description="Where `up` writes each child's log")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router's address and API keys")
     deployments: dict[str, DeploymentConfig] = Field(
