@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from jv4_vllm._version import __version__
 
 if TYPE_CHECKING:
-    from jv4_vllm.client import AsyncClient, Client
+    from jv4_vllm.client import AsyncClient, Client, DenseAndMulti, Embeddings, RerankHit, Retries
     from jv4_vllm.config import Config, load_config
     from jv4_vllm.core.scoring import maxsim
     from jv4_vllm.errors import (
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
-    "AsyncClient": "jv4_vllm.client",
-    "Client": "jv4_vllm.client",
+    **{name: "jv4_vllm.client" for name in ("AsyncClient", "Client", "DenseAndMulti", "Embeddings", "RerankHit",
+                                            "Retries")},
     "Config": "jv4_vllm.config",
     "load_config": "jv4_vllm.config",
     "maxsim": "jv4_vllm.core.scoring",
@@ -49,12 +49,16 @@ __all__ = [
     "BackendUnavailableError",
     "Client",
     "Config",
+    "DenseAndMulti",
+    "Embeddings",
     "InputTooLongError",
     "InvalidRequestError",
     "Jv4Error",
     "ModelNotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RerankHit",
+    "Retries",
     "ServiceUnreachableError",
     "__version__",
     "load_config",

@@ -1,4 +1,11 @@
-"""``jv4-vllm``: every subcommand, each flag with a JV4_<FLAG> environment twin."""
+"""``jv4-vllm``: every subcommand; each flag has an environment twin.
+
+A twin is ``JV4_<COMMAND>_<FLAG>`` (``JV4_PREPARE_OUT`` for ``prepare --out``), unique per
+subcommand. Two are shared on purpose: ``JV4_CONFIG`` (``--config``: every command that reads
+the service config reads the same file) and ``JV4_LOG_LEVEL`` (a flag of ``jv4-vllm`` itself).
+Config keys have their own twins, ``JV4__SECTION__KEY`` (two underscores; see
+:mod:`jv4_vllm.config`). A twin holding a bad value is a one-line error, as a bad flag is.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +13,53 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["SHARED_TWINS", "main", "twin_name"]
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"JV4_{name.upper().replace('-', '_')}", default)
+SHARED_TWINS = {"--config": "JV4_CONFIG", "--log-level": "JV4_LOG_LEVEL"}
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> None:
-    """A flag whose default comes from its environment twin (JV4_CONFIG for --config, ...)."""
-    name = flag.lstrip("-")
-    env_default = _env(name)
-    if env_default is not None:
-        kwargs["default"] = kwargs.get("type", str)(env_default)  # type: ignore[operator]
-        kwargs["required"] = False
-    kwargs["help"] = f"{kwargs.get('help', '')} [env JV4_{name.upper().replace('-', '_')}]".strip()
-    parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+def twin_name(command: str, flag: str) -> str:
+    """The environment twin of ``flag`` of ``command`` ("" for the top-level parser)."""
+    if flag in SHARED_TWINS:
+        return SHARED_TWINS[flag]
+    return "_".join(["JV4", *(p.upper().replace("-", "_") for p in (command, flag.lstrip("-")) if p)])
+
+
+def _add(parser: argparse.ArgumentParser, command: str, flag: str, **kwargs: Any) -> None:
+    """A flag whose default comes from its environment twin, checked as the flag would be
+    (a bad twin is reported when its command runs, not when another one does)."""
+    twin = twin_name(command, flag)
+    raw = os.environ.get(twin)
+    if raw is not None:
+        problem, value = _twin_value(raw, kwargs)
+        if problem:
+            parser.set_defaults(bad_twin=f"{twin}={raw!r}: {problem} (the environment twin of "
+                                         f"{' '.join(filter(None, ['jv4-vllm', command, flag]))})")
+        else:
+            kwargs["default"], kwargs["required"] = value, False
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {twin}]".strip()
+    parser.add_argument(flag, **kwargs)
+
+
+def _twin_value(raw: str, kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """(what is wrong or None, the value) of a twin, by the flag's type, nargs and choices."""
+    convert = kwargs.get("type", str)
+    try:
+        value = [convert(v) for v in raw.replace(",", " ").split()] if kwargs.get("nargs") == "*" else convert(raw)
+    except (TypeError, ValueError):
+        return f"not a valid {getattr(convert, '__name__', 'value')}", None
+    choices = kwargs.get("choices")
+    if choices is not None and value not in choices:
+        return f"use one of {', '.join(map(str, choices))}", None
+    return None, value
 
 
 def _names(values: list[str] | str | None) -> list[str] | None:
-    """Names given as separate arguments, or in one string separated by spaces or commas (JV4_TASKS)."""
+    """Names given as separate arguments, or in one string separated by spaces or commas (JV4_PREPARE_TASKS)."""
     parts = [values] if isinstance(values, str) else values or []
     return [name for part in parts for name in part.replace(",", " ").split()] or None
 
@@ -55,6 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_vllm_command(args: argparse.Namespace) -> int:
     import shlex
+
     from jv4_vllm.deploy.vllm_args import vllm_serve_command
     print(shlex.join(vllm_serve_command(_config(args), args.task, model_root=args.model_root)))
     return 0
@@ -96,7 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jv4-vllm", description="Serve jina-embeddings-v4 on vLLM.")
-    _add(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _add(parser, "", "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
@@ -104,39 +136,40 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(handler=handler)
         if config:
-            _add(p, "--config", required=True, help="YAML config file")
+            _add(p, name, "--config", required=True, help="YAML config file")
         return p
 
     p = command("demo-checkpoint", cmd_demo_checkpoint, "Write a tiny random jina-embeddings-v4 checkpoint.", False)
-    _add(p, "--out", required=True, help="output directory")
-    _add(p, "--seed", type=int, default=0, help="random seed")
-    _add(p, "--hidden-size", type=int, default=128, help="text hidden size (2048 = wire-realistic)")
+    _add(p, "demo-checkpoint", "--out", required=True, help="output directory")
+    _add(p, "demo-checkpoint", "--seed", type=int, default=0, help="random seed")
+    _add(p, "demo-checkpoint", "--hidden-size", type=int, default=128, help="text hidden size (2048 = wire-realistic)")
 
     p = command("prepare", cmd_prepare, "Merge each task's LoRA into its own vLLM-ready checkpoint.", False)
-    _add(p, "--source", required=True, help="jina-embeddings-v4 directory or Hugging Face id")
-    _add(p, "--out", required=True, help="output directory (one subdirectory per task)")
-    _add(p, "--tasks", nargs="*", default=None, help="tasks to prepare, by spaces or commas (default: all)")
+    _add(p, "prepare", "--source", required=True, help="jina-embeddings-v4 directory or Hugging Face id")
+    _add(p, "prepare", "--out", required=True, help="output directory (one subdirectory per task)")
+    _add(p, "prepare", "--tasks", nargs="*", default=None, help="tasks to prepare, by spaces or commas (default: all)")
 
     p = command("serve-adapter", cmd_serve_adapter, "Run the vLLM server of one task (prints the command first).")
-    _add(p, "--task", required=True, help="retrieval, text-matching or code")
+    _add(p, "serve-adapter", "--task", required=True, help="retrieval, text-matching or code")
 
     p = command("vllm-command", cmd_vllm_command, "Print the `vllm serve` command line of one task.")
-    _add(p, "--task", required=True, help="retrieval, text-matching or code")
-    _add(p, "--model-root", default=None, help="directory holding the prepared tasks (default: prepared_dir)")
+    _add(p, "vllm-command", "--task", required=True, help="retrieval, text-matching or code")
+    _add(p, "vllm-command", "--model-root", default=None,
+         help="directory holding the prepared tasks (default: prepared_dir)")
 
     command("router", cmd_router, "Run the OpenAI-compatible router.")
     command("up", cmd_up, "Prepare what is missing, start all deployments and the router, supervise them.")
 
     p = command("verify", cmd_verify, "Compare the running service with the reference encoder, per probe.")
-    _add(p, "--url", default=None, help="router URL (default: talk to the deployments directly)")
-    _add(p, "--golden", default=None, help="compare with this golden file (scripts/make_golden.py) "
+    _add(p, "verify", "--url", default=None, help="router URL (default: talk to the deployments directly)")
+    _add(p, "verify", "--golden", default=None, help="compare with this golden file (scripts/make_golden.py) "
                                            "instead of the reference encoder")
-    _add(p, "--min-single", type=float, default=0.9999, help="lowest single-vector cosine that passes")
-    _add(p, "--min-multi", type=float, default=0.999, help="lowest multi-vector row cosine that passes")
+    _add(p, "verify", "--min-single", type=float, default=0.9999, help="lowest single-vector cosine that passes")
+    _add(p, "verify", "--min-multi", type=float, default=0.999, help="lowest multi-vector row cosine that passes")
 
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
-    _add(p, "--out", required=True, help="output directory")
-    _add(p, "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
+    _add(p, "k8s", "--out", required=True, help="output directory")
+    _add(p, "k8s", "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
 
     p = command("bench", cmd_bench, "Benchmark the paths side by side (see `jv4-vllm bench -- --help`).", False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
@@ -145,13 +178,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "bad_twin", None):
+        print(f"jv4-vllm: error: {args.bad_twin}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe is noise
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError among them: one line, no traceback
         print(f"jv4-vllm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

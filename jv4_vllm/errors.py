@@ -38,6 +38,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "ServiceUnreachableError",
+    "PDF_NOT_KEPT",
     "error_from_body",
     "error_from_response",
     "retry_after_seconds",
@@ -123,6 +124,8 @@ class BackendTimeoutError(Jv4Error):
     status = 504
     type = "timeout"
 
+
+PDF_NOT_KEPT = "pdf_not_kept"  # 400 code: a sha256: PDF reference the router does not hold (send the bytes)
 
 _BY_CODE: dict[str, type[Jv4Error]] = {
     "input_too_long": InputTooLongError,

@@ -1,7 +1,8 @@
 """A loopback stand-in for a vLLM replica, for faults real vLLM cannot be made to produce on demand.
 
 Subclasses answer ``/pooling`` (see :meth:`FaultUpstream.pooling`); ``/health`` always answers,
-and every ``/pooling`` call is counted.
+and every ``/pooling`` call is counted. :class:`RouterProxy` stands in front of a real router
+instead, for what a router's clients meet (overload answers, the bytes they send).
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ class FaultUpstream:
     async def _health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    def add_routes(self, app: web.Application) -> None:
+        """More routes of a subclass."""
+
     async def __aenter__(self) -> "FaultUpstream":
-        app = web.Application()
+        app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_get("/health", self._health)
         app.router.add_post("/pooling", self._pooling)
+        self.add_routes(app)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -41,3 +46,33 @@ class FaultUpstream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._runner.cleanup()
+
+
+class RouterProxy(FaultUpstream):
+    """A proxy in front of a real router's /v1/embeddings: its first ``fail`` answers are
+    ``status`` with ``Retry-After: retry_after`` (a router's overload body), the rest forwarded.
+    It counts the requests and the body bytes it was sent."""
+
+    def __init__(self, target: str, *, fail: int = 0, status: int = 429, retry_after: str | None = "0.2") -> None:
+        super().__init__()
+        self.target, self.fail, self.status, self.retry_after = target.rstrip("/"), fail, status, retry_after
+        self.bodies: list[bytes] = []
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/embeddings", self._embeddings)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        import aiohttp
+
+        body = await request.read()
+        self.bodies.append(body)
+        if len(self.bodies) <= self.fail:
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+            code = "overloaded" if self.status == 429 else "no_healthy_backend"
+            return web.json_response({"error": {"message": f"busy ({len(self.bodies)})", "type": "rate_limit_error",
+                                                "param": None, "code": code}}, status=self.status, headers=headers)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.target + "/v1/embeddings", data=body,
+                                    headers={"content-type": "application/json"}) as answer:
+                return web.Response(body=await answer.read(), status=answer.status,
+                                    content_type=answer.content_type)

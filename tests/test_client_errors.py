@@ -20,6 +20,7 @@ from aiohttp import web
 from images_util import make_image, png_bytes
 
 from jv4_vllm.client import AsyncClient
+from jv4_vllm.client.retries import NO_RETRIES
 from jv4_vllm.deploy.launch import free_port
 from jv4_vllm import errors
 
@@ -69,7 +70,7 @@ def answer(status: int, body: bytes, content_type: str = "text/html", **headers:
 
 
 async def test_nothing_listening_is_service_unreachable() -> None:
-    async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
+    async with AsyncClient(f"http://127.0.0.1:{free_port()}", retries=NO_RETRIES) as client:
         with pytest.raises(errors.ServiceUnreachableError, match="cannot reach") as info:
             await client.encode_text(["a"])
     assert isinstance(info.value, errors.BackendUnavailableError) and info.value.code == "service_unreachable"
@@ -106,7 +107,7 @@ async def unavailable_for_two_minutes(_: web.Request) -> web.StreamResponse:
 ])
 async def test_any_error_answer_is_a_class_of_the_tree(handler: Handler, error: type[errors.Jv4Error], message: str,
                                                       retry_after: tuple[float, float] | None) -> None:
-    async with Upstream(handler) as upstream, AsyncClient(upstream.url) as client:
+    async with Upstream(handler) as upstream, AsyncClient(upstream.url, retries=NO_RETRIES) as client:
         with pytest.raises(errors.Jv4Error, match=message) as info:
             await client.encode_text(["a"])
     assert type(info.value) is error
@@ -177,3 +178,13 @@ async def test_an_image_from_a_loopback_url_embeds_through_the_router(router_url
         from_bytes = await client.encode_image(image, task="retrieval")
     np.testing.assert_allclose(from_url, from_bytes, rtol=0, atol=0)
     assert np.linalg.norm(from_url) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_client_needs_a_url_and_its_result_types_come_from_the_root() -> None:
+    from jv4_vllm import Client, DenseAndMulti, RerankHit  # noqa: F401 - the import is the test
+
+    with pytest.raises(TypeError):
+        Client()  # type: ignore[call-arg]
+    for url in ("", "   "):
+        with pytest.raises(ValueError, match="router URL"):
+            AsyncClient(url)

@@ -28,7 +28,8 @@ from fastapi import FastAPI, Request, Response
 from jv4_vllm.core.replicas import ReplicaPool
 from jv4_vllm.config import BackendSettings
 from jv4_vllm.errors import BackendUnavailableError
-from jv4_vllm.core.wire import decode_pooling_bytes, pooling_wire_fields
+from jv4_vllm.core.stream import decode_body
+from jv4_vllm.core.wire import pooling_wire_fields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -155,7 +156,7 @@ async def _burst(pool: ReplicaPool, served: Counter[str]) -> Counter[str]:
 
     answers = await asyncio.gather(*(pool.call("/pooling", body, 1, read) for _ in range(CALLS)))
     for content, metadata in answers:
-        rows, tokens = decode_pooling_bytes(content, metadata)
+        rows, tokens = decode_body(content, metadata)
         np.testing.assert_array_equal(rows[0], ROWS)
         assert tokens == ROWS.shape[0]
     assert sum(served.values()) == CALLS

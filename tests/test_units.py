@@ -1,8 +1,7 @@
-"""Fast unit tests of the pure modules: pooling math, wire codecs, config twins, the error tree."""
+"""Fast unit tests of the pure modules: the serving folds' pooling, wire codecs, the error tree."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import subprocess
@@ -11,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from jv4_vllm.core import pooling
 from jv4_vllm.core import wire
-from jv4_vllm.config import load_config
+from jv4_vllm.core.folds import Projector, SpanFold, WindowSink
+from jv4_vllm.core.stream import decode_body
 from jv4_vllm.errors import (
     BackendUnavailableError,
     InputTooLongError,
@@ -28,29 +27,34 @@ RNG = np.random.default_rng(0)
 TASKS = ("retrieval", "text-matching", "code")
 
 
-def test_single_vector_is_normalised_mean_of_the_span():
+def test_single_vector_is_the_normalised_mean_of_its_span() -> None:
+    """The serving fold (core/folds.py), not a second copy of its math."""
     rows = RNG.normal(size=(10, 16)).astype(np.float16)
-    got = pooling.single_vector(rows, start=2, stop=7)
+    fold = SpanFold([(2, 7)])
+    WindowSink(fold).feed(0, rows)
+    got = fold.single_vectors(None, ())[0]
     want = rows[2:7].astype(np.float64).mean(0)
     np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
     assert got.dtype == np.float32
 
 
-def test_matryoshka_truncates_then_renormalises_and_refuses_other_dims():
+def test_matryoshka_truncates_then_renormalises_and_refuses_other_dims() -> None:
     rows = RNG.normal(size=(4, 16)).astype(np.float32)
-    got = pooling.single_vector(rows, dim=8, allowed_dims=(4, 8, 16))
-    full = pooling.single_vector(rows)
+    fold = SpanFold([(0, 4)])
+    WindowSink(fold).feed(0, rows)
+    full = fold.single_vectors(None, ())[0]
+    got = fold.single_vectors(8, (4, 8, 16))[0]
     np.testing.assert_allclose(got, full[:8] / np.linalg.norm(full[:8]), rtol=1e-6)
     with pytest.raises(ValueError, match="matryoshka"):
-        pooling.single_vector(rows, dim=5, allowed_dims=(4, 8, 16))
-    with pytest.raises(ValueError, match="empty"):
-        pooling.mean_pool(rows, 3, 3)
+        fold.single_vectors(5, (4, 8, 16))
 
 
-def test_multi_vector_projects_every_row_and_normalises_each():
-    rows = RNG.normal(size=(5, 16)).astype(np.float16)
+def test_multi_vector_projects_every_row_and_normalises_each() -> None:
+    rows = RNG.normal(size=(5, 16)).astype(np.float32)
     weight, bias = RNG.normal(size=(4, 16)).astype(np.float32), RNG.normal(size=4).astype(np.float32)
-    got = pooling.multi_vector(rows, weight, bias)
+    fold = SpanFold(multi_spans=[(0, 5)], projector=Projector(weight, bias))
+    WindowSink(fold).feed(0, rows)
+    got = fold.multi_vectors()[0]
     want = rows.astype(np.float64) @ weight.T + bias
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
@@ -72,10 +76,10 @@ def _bytes_response(arrays: list[np.ndarray], dtype: str) -> tuple[bytes, str]:
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 0), ("float16", 1e-3), ("bfloat16", 1e-2)])
-def test_decode_pooling_bytes_every_dtype_in_prompt_order(dtype, tolerance):
+def test_decode_body_every_dtype_in_prompt_order(dtype, tolerance):
     arrays = [RNG.normal(size=(n, 8)).astype(np.float32) for n in (3, 5)]
     body, metadata = _bytes_response(arrays, dtype)
-    decoded, tokens = wire.decode_pooling_bytes(body, metadata)
+    decoded, tokens = decode_body(body, metadata)
     assert tokens == 8 and [d.shape for d in decoded] == [(3, 8), (5, 8)]
     for got, want in zip(decoded, arrays):
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=tolerance, atol=tolerance)
@@ -106,21 +110,6 @@ def test_parse_task_roles_and_errors():
         parse_task("retrieval.document", TASKS)
 
 
-def test_config_env_twins_override_yaml(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("deployments:\n  text-matching: {urls: ['http://a:1']}\n  code: {urls: ['http://b:2']}\n")
-    env = {"JV4__ROUTER__PORT": "9100", "JV4__DEPLOYMENTS__TEXT_MATCHING__URLS": '["http://c:3", "http://d:4"]',
-           "JV4__BACKEND__WIRE_DTYPE": "bfloat16", "OTHER": "x"}
-    config = load_config(path, env)
-    assert config.router.port == 9100 and config.backend.wire_dtype == "bfloat16"
-    assert config.deployments["text-matching"].urls == ["http://c:3", "http://d:4"]
-    assert config.deployments["code"].urls == ["http://b:2"]
-    with pytest.raises(ValueError):
-        load_config(path, {"JV4__BACKEND__WIRE_DTYPE": "int8"})
-    with pytest.raises(ValueError):
-        load_config(path, {"JV4__ROUTER__NO_SUCH_KEY": "1"})
-
-
 @pytest.mark.parametrize("error", [
     InvalidRequestError("bad dims", param="dimensions"),
     InputTooLongError("too long", param="input[2]"),
@@ -148,42 +137,6 @@ def test_serving_imports_leave_out_torch_and_dev_tools(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
     assert report == {"loaded": [], "has_module": True}, done.stderr
-
-
-def _cli_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], argparse.Action]:
-    """Every flag of ``jv4-vllm`` and of its commands (``bench`` parses its own: a development tool)."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    flags = {("", a.option_strings[-1]): a for a in parser._actions if a.option_strings and a.dest != "help"}
-    for name, command in commands.items():
-        if name != "bench":
-            flags |= {(name, a.option_strings[-1]): a for a in command._actions
-                      if a.option_strings and a.dest != "help"}
-    return flags
-
-
-def test_every_cli_flag_takes_its_default_from_an_environment_twin(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jv4_vllm import cli
-
-    flags = _cli_flags(cli._parser())
-    assert {("", "--log-level"), ("prepare", "--tasks"), ("router", "--config")} <= set(flags)
-    for (command, flag), action in flags.items():
-        value = str(action.choices[0]) if action.choices else "3" if action.type in (int, float) else "from-env"
-        twin = "JV4_" + flag.lstrip("-").upper().replace("-", "_")
-        monkeypatch.setenv(twin, value)
-        again = _cli_flags(cli._parser())[(command, flag)]
-        monkeypatch.delenv(twin)
-        assert again.default == (action.type or str)(value) and not again.required, (command, flag, twin)
-
-
-def test_prepare_tasks_by_flag_or_by_jv4_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jv4_vllm import cli
-
-    base = ["prepare", "--source", "src", "--out", "out"]
-    assert cli._names(cli._parser().parse_args(base).tasks) is None  # all tasks
-    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code", "retrieval"]).tasks) == ["code", "retrieval"]
-    monkeypatch.setenv("JV4_TASKS", "retrieval, text-matching code")
-    assert cli._names(cli._parser().parse_args(base).tasks) == ["retrieval", "text-matching", "code"]
-    assert cli._names(cli._parser().parse_args([*base, "--tasks", "code,retrieval"]).tasks) == ["code", "retrieval"]
 
 
 _ROUTER_PROCESS_PROBE = """

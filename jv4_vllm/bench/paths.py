@@ -23,7 +23,8 @@ from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
 from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.types import EmbedOptions
-from jv4_vllm.core.wire import decode_pooling_bytes, decode_pooling_json, pooling_wire_fields
+from jv4_vllm.core.stream import decode_body
+from jv4_vllm.core.wire import pooling_wire_fields
 
 __all__ = ["EnginePath", "Outcome", "ReferencePath", "RouterPath", "VllmPath", "json_post"]
 
@@ -82,10 +83,10 @@ class VllmPath:
         response = await json_post(self._http, self._url, body)
         if self._bytes:
             metadata = response.headers["metadata"]
-            arrays, tokens = decode_pooling_bytes(response.content, metadata)
+            arrays, tokens = decode_body(response.content, metadata)
             wire = len(body) + len(response.content) + len(metadata)
         else:
-            arrays, tokens = decode_pooling_json(orjson.loads(response.content))
+            arrays, tokens = _float_lists(orjson.loads(response.content))
             wire = len(body) + len(response.content)
         return Outcome(len(arrays), tokens, wire, arrays)
 
@@ -164,3 +165,8 @@ class ReferencePath:
                                             return_multivector=multi)
         return list(out)
 
+
+def _float_lists(payload: dict[str, Any]) -> tuple[list[np.ndarray], int]:
+    """A ``/pooling`` answer with ``encoding_format: float`` (the slow wire the benchmark compares)."""
+    arrays = [np.asarray(item["data"], dtype=np.float32) for item in sorted(payload["data"], key=lambda i: i["index"])]
+    return arrays, int(payload.get("usage", {}).get("prompt_tokens", 0))

@@ -23,10 +23,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers.trainers import BpeTrainer
 
 from jv4_vllm.checkpoint.shards import write_json
+from jv4_vllm.core.types import TASK_NAMES
 
 __all__ = ["build_demo_checkpoint", "KEY_STYLES", "TASK_NAMES"]
 
-TASK_NAMES = ("retrieval", "text-matching", "code")
 KEY_STYLES = ("language_model", "flat")
 
 HEAD_DIM = 64

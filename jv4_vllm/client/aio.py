@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from jv4_vllm.client.fetch import fetch_own_url, is_http_url
+from jv4_vllm.client.retries import DEFAULT_RETRIES, Retries
 from jv4_vllm.client.senders import EngineSender, RouterSender
 from jv4_vllm.config import Config, LimitsConfig, load_config
+from jv4_vllm.core.concurrency import all_or_first_error
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.image_rules import model_image_limits
 from jv4_vllm.core.images import ImageSource, load_image
@@ -33,18 +35,19 @@ from jv4_vllm.core.pdf import (
 )
 from jv4_vllm.core.scoring import RerankHit, Scoring, rename_inputs
 from jv4_vllm.core.types import (
+    TASK_NAMES,
     EmbedOptions,
     EmbedResult,
     ImageInput,
     Item,
+    Role,
     TextInput,
     parse_task,
 )
 from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
-__all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit"]
+__all__ = ["AsyncClient", "DenseAndMulti", "Embeddings", "RerankHit", "Retries"]
 
-KNOWN_TASKS = ("retrieval", "text-matching", "code")
 PROGRESS_MIN_BATCHES = 4  # show a bar by default once a job spans this many requests
 Embeddings = np.ndarray | list[np.ndarray]
 
@@ -55,12 +58,21 @@ class DenseAndMulti(NamedTuple):
 
     dense: np.ndarray
     multi: list[np.ndarray] | np.ndarray
+
+
+def _one(result: Embeddings | DenseAndMulti) -> np.ndarray | DenseAndMulti:
+    """The only input's result out of a batch of one."""
+    if isinstance(result, DenseAndMulti):
+        return DenseAndMulti(result.dense[0], result.multi[0])
+    return result[0]
+
+
 UNLIMITED_PAGES = 1 << 30  # the client splits a PDF into requests; each request meets the server's limit
 
 
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
              truncate: bool, *, return_dense: bool = False, late_chunking: bool = False) -> EmbedOptions:
-    name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", KNOWN_TASKS)
+    name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", TASK_NAMES)
     both = return_multivector and return_dense
     if return_multivector and truncate_dim is not None and not both:
         raise InvalidRequestError("truncate_dim cannot be combined with return_multivector (unless return_dense: "
@@ -70,48 +82,91 @@ def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multi
 
 
 class AsyncClient:
-    """Async client. ``AsyncClient(url)`` talks to a router; ``await AsyncClient.direct(config)`` runs the engine."""
+    """Async client. ``AsyncClient(url)`` talks to a router; ``await AsyncClient.direct(config)`` runs the engine.
 
-    def __init__(self, url: str | None = None, *, api_key: str | None = None, model: str = "jina-embeddings-v4",
-                 timeout: float = 300.0, max_concurrency: int = 4, _sender: Any = None) -> None:
-        if _sender is None and url is None:
-            raise ValueError("give the router URL, or use AsyncClient.direct(config)")
-        self._sender = _sender or RouterSender(url, api_key, model, timeout)  # type: ignore[arg-type]
+    ``retries`` bounds how 429/503 answers (after their ``Retry-After``) and failed connections
+    (after a backoff) are tried again; see :class:`~jv4_vllm.client.retries.Retries`.
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, model: str = "jina-embeddings-v4",
+                 timeout: float = 300.0, max_concurrency: int = 4, retries: Retries = DEFAULT_RETRIES) -> None:
+        if not isinstance(url, str) or not url.strip():
+            raise ValueError(f"give the router URL (such as 'http://127.0.0.1:8080'), not {url!r}; to embed "
+                             "without a router use Client.direct(config) or AsyncClient.direct(config)")
+        self._setup(RouterSender(url, api_key, model, timeout, retries=retries), LimitsConfig(allow_image_urls=True),
+                    max_concurrency)
+
+    def _setup(self, sender: RouterSender | EngineSender, limits: LimitsConfig, max_concurrency: int) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self._sender = sender
         self._max_concurrency = max_concurrency
         # The caller's own files and URLs: paths are read and http(s) URLs fetched for the caller
         # (client/fetch.py: no server-side address guard); size and pixel caps still apply.
-        self._image_limits = LimitsConfig(allow_image_urls=True)
+        self._image_limits = limits
 
     @classmethod
-    async def direct(cls, config: Config | str | Path, *, max_concurrency: int = 4) -> "AsyncClient":
+    async def direct(cls, config: Config | str | Path, *, max_concurrency: int = 4) -> AsyncClient:
         """Embed in-process through the deployments listed in ``config`` (no router)."""
         cfg = config if isinstance(config, Config) else load_config(config)
-        client = cls(_sender=EngineSender(await Engine.start(cfg)), max_concurrency=max_concurrency)
-        client._image_limits = model_image_limits(cfg).model_copy(update={"allow_image_urls": True})
+        client = cls.__new__(cls)
+        client._setup(EngineSender(await Engine.start(cfg)),
+                      model_image_limits(cfg).model_copy(update={"allow_image_urls": True}), max_concurrency)
         return client
 
     async def aclose(self) -> None:
         await self._sender.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def encode_text(self, texts: str | Sequence[str], task: str = "retrieval", prompt_name: str = "query",
+    @overload
+    async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
+                          truncate_dim: int | None = ..., return_multivector: Literal[False] = ...,
+                          return_dense: bool = ..., batch_size: int = ..., show_progress: bool | None = ...,
+                          truncate: bool = ..., late_chunking: bool = ...) -> np.ndarray: ...
+    @overload
+    async def encode_text(self, texts: str, *, task: str = ..., prompt_name: Role = ...,
+                          truncate_dim: None = ..., return_multivector: Literal[True],
+                          return_dense: Literal[False] = ..., batch_size: int = ...,
+                          show_progress: bool | None = ..., truncate: bool = ...,
+                          late_chunking: bool = ...) -> np.ndarray: ...
+    @overload
+    async def encode_text(self, texts: Sequence[str], *, task: str = ..., prompt_name: Role = ...,
+                          truncate_dim: None = ..., return_multivector: Literal[True],
+                          return_dense: Literal[False] = ..., batch_size: int = ...,
+                          show_progress: bool | None = ..., truncate: bool = ...,
+                          late_chunking: bool = ...) -> list[np.ndarray]: ...
+    @overload
+    async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
+                          truncate_dim: int | None = ..., return_multivector: Literal[True],
+                          return_dense: Literal[True], batch_size: int = ..., show_progress: bool | None = ...,
+                          truncate: bool = ..., late_chunking: bool = ...) -> DenseAndMulti: ...
+    @overload
+    async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
+                          truncate_dim: int | None = ..., return_multivector: bool = ..., return_dense: bool = ...,
+                          batch_size: int = ..., show_progress: bool | None = ..., truncate: bool = ...,
+                          late_chunking: bool = ...) -> Embeddings | DenseAndMulti: ...
+
+    async def encode_text(self, texts: str | Sequence[str], *, task: str = "retrieval", prompt_name: Role = "query",
                           truncate_dim: int | None = None, return_multivector: bool = False,
-                          batch_size: int = 32, show_progress: bool | None = None,
-                          truncate: bool = False, late_chunking: bool = False,
-                          return_dense: bool = False) -> Embeddings | DenseAndMulti:
+                          return_dense: bool = False, batch_size: int = 32, show_progress: bool | None = None,
+                          truncate: bool = False, late_chunking: bool = False) -> Embeddings | DenseAndMulti:
         """Embed texts; a single string gives a single vector (or one multi-vector).
 
+        ``task`` defaults to ``retrieval`` with the query role, as the reference ``encode_text``
+        does (the HTTP API's default is ``text-matching``); ``prompt_name`` (``query`` or
+        ``passage``) is the role, or write it in ``task`` (``"retrieval.passage"``).
+        [N, d] single vectors (one [d] vector for one string); with ``return_multivector`` one
+        [n_tokens, P] matrix per text; with ``return_dense`` too, both as :class:`DenseAndMulti`.
         ``late_chunking``: the texts are chunks of one document, embedded together in one pass
-        (one request, whatever ``batch_size``), one embedding per chunk. ``return_dense`` with
-        ``return_multivector``: both outputs from one pass, as :class:`DenseAndMulti`.
+        (one request, whatever ``batch_size``), one embedding per chunk.
         """
         single = isinstance(texts, str)
-        values = [texts] if single else list(texts)
+        values = [texts] if isinstance(texts, str) else list(texts)
         for index, text in enumerate(values):
             if not isinstance(text, str) or not text.strip():
                 raise InvalidRequestError(f"input[{index}] must be a non-empty string", param=f"input[{index}]")
@@ -120,34 +175,69 @@ class AsyncClient:
         if late_chunking:
             batch_size = max(len(values), 1)
         result = await self._run([TextInput(t) for t in values], options, batch_size, show_progress)
-        if isinstance(result, DenseAndMulti):
-            return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
-        return result[0] if single else result
+        return _one(result) if single else result
 
-    async def encode_image(self, images: ImageSource | Sequence[ImageSource], task: str = "retrieval",
-                           truncate_dim: int | None = None, return_multivector: bool = False,
-                           batch_size: int = 8, show_progress: bool | None = None,
-                           return_dense: bool = False) -> Embeddings | DenseAndMulti:
-        """Embed images given as paths, PIL images, bytes, base64/data URIs or URLs
-        (``return_dense``: as in :meth:`encode_text`)."""
+    @overload
+    async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
+                           task: str = ..., truncate_dim: int | None = ..., return_multivector: Literal[False] = ...,
+                           return_dense: bool = ..., batch_size: int = ...,
+                           show_progress: bool | None = ...) -> np.ndarray: ...
+    @overload
+    async def encode_image(self, images: ImageSource, *, task: str = ..., truncate_dim: None = ...,
+                           return_multivector: Literal[True], return_dense: Literal[False] = ...,
+                           batch_size: int = ..., show_progress: bool | None = ...) -> np.ndarray: ...
+    @overload
+    async def encode_image(self, images: list[ImageSource] | tuple[ImageSource, ...], *, task: str = ...,
+                           truncate_dim: None = ..., return_multivector: Literal[True],
+                           return_dense: Literal[False] = ..., batch_size: int = ...,
+                           show_progress: bool | None = ...) -> list[np.ndarray]: ...
+    @overload
+    async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
+                           task: str = ..., truncate_dim: int | None = ..., return_multivector: Literal[True],
+                           return_dense: Literal[True], batch_size: int = ...,
+                           show_progress: bool | None = ...) -> DenseAndMulti: ...
+    @overload
+    async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
+                           task: str = ..., truncate_dim: int | None = ..., return_multivector: bool = ...,
+                           return_dense: bool = ..., batch_size: int = ...,
+                           show_progress: bool | None = ...) -> Embeddings | DenseAndMulti: ...
+
+    async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
+                           task: str = "retrieval", truncate_dim: int | None = None, return_multivector: bool = False,
+                           return_dense: bool = False, batch_size: int = 8,
+                           show_progress: bool | None = None) -> Embeddings | DenseAndMulti:
+        """Embed images given as paths, PIL images, bytes, base64/data URIs or URLs; a list or tuple
+        gives one result per image, anything else one result (outputs as in :meth:`encode_text`)."""
         single = not isinstance(images, (list, tuple))
-        values = [images] if single else list(images)
+        values = [images] if not isinstance(images, (list, tuple)) else list(images)
         options = _options(task, "query", truncate_dim, return_multivector, False, return_dense=return_dense)
         items: list[Item] = [await self._image(value, index) for index, value in enumerate(values)]
         result = await self._run(items, options, batch_size, show_progress)
-        if isinstance(result, DenseAndMulti):
-            return DenseAndMulti(result.dense[0], result.multi[0]) if single else result
-        return result[0] if single else result
+        return _one(result) if single else result
 
-    async def encode_pdf(self, pdf: PdfSource, task: str = "retrieval", truncate_dim: int | None = None,
+    @overload
+    async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
+                         return_multivector: Literal[False] = ..., pages: PageSelection = ..., batch_size: int = ...,
+                         show_progress: bool | None = ...) -> np.ndarray: ...
+    @overload
+    async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: None = ...,
+                         return_multivector: Literal[True], pages: PageSelection = ..., batch_size: int = ...,
+                         show_progress: bool | None = ...) -> list[np.ndarray]: ...
+    @overload
+    async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
+                         return_multivector: bool = ..., pages: PageSelection = ..., batch_size: int = ...,
+                         show_progress: bool | None = ...) -> Embeddings: ...
+
+    async def encode_pdf(self, pdf: PdfSource, *, task: str = "retrieval", truncate_dim: int | None = None,
                          return_multivector: bool = False, pages: PageSelection = None, batch_size: int = 8,
                          show_progress: bool | None = None) -> Embeddings:
         """Embed the pages of one PDF (path, bytes, base64/data URI or URL), in page order.
 
         ``pages`` selects pages ("1-3,7" or [1, 2, 3]); default: all. Pages are rendered at the
         server's ``render_dpi`` (in-process for direct clients) and sent ``batch_size`` per
-        request, with a progress bar over pages. [pages, d] for single vectors, else one
-        [n_tokens, P] matrix per page.
+        request, with a progress bar over pages. The file is uploaded once: the first request
+        asks the router to keep it, the others name it by its SHA-256. [pages, d] for single
+        vectors, else one [n_tokens, P] matrix per page.
         """
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
@@ -156,9 +246,11 @@ class AsyncClient:
         chunks = [plan.pages[i:i + batch_size] for i in range(0, len(plan.pages), batch_size)]
 
         async def send(chunk: tuple[int, ...]) -> EmbedResult:
-            return await self._sender.embed_pdf(PdfInput(plan.data, format_pages(chunk)), options)
+            kept = chunk is not chunks[0]  # the first request carries the file, the others its reference
+            return await self._sender.embed_pdf(PdfInput(plan.data, format_pages(chunk)), options, kept=kept)
 
-        results = await self._send_chunks(chunks, send, show_progress, unit="page", desc="Encoding PDF")
+        results = await self._send_chunks(chunks, send, show_progress, unit="page", desc="Encoding PDF",
+                                          first_alone=True)
         flat = [vector for result in results for vector in result.embeddings]
         return flat if options.multivector else np.stack(flat)
 
@@ -245,9 +337,11 @@ class AsyncClient:
         return flat if options.multivector else np.stack(flat)
 
     async def _send_chunks(self, chunks: Sequence[Sequence[Any]], send: Callable[[Any], Awaitable[EmbedResult]],
-                           show_progress: bool | None, *, unit: str, desc: str) -> list[EmbedResult]:
+                           show_progress: bool | None, *, unit: str, desc: str,
+                           first_alone: bool = False) -> list[EmbedResult]:
         """Every chunk through ``send``, ``max_concurrency`` at a time, results in chunk order; a
-        progress bar over the chunks' items (by default once a job spans several requests)."""
+        progress bar over the chunks' items (by default once a job spans several requests).
+        ``first_alone``: the first chunk is answered before the others start."""
         show = len(chunks) >= PROGRESS_MIN_BATCHES if show_progress is None else show_progress
         gate = asyncio.Semaphore(self._max_concurrency)
         results: list[EmbedResult | None] = [None] * len(chunks)
@@ -256,10 +350,9 @@ class AsyncClient:
                 async with gate:
                     results[position] = await send(chunk)
                 bar.update(len(chunk))
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for position, chunk in enumerate(chunks):
-                        group.create_task(one(position, chunk))
-            except ExceptionGroup as failure:
-                raise failure.exceptions[0] from None
+            start = 0
+            if first_alone and chunks:
+                await one(0, chunks[0])
+                start = 1
+            await all_or_first_error(one(position, chunks[position]) for position in range(start, len(chunks)))
         return results  # type: ignore[return-value]

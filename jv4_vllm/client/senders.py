@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, Awaitable, Callable, TypeVar
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 
+from jv4_vllm.client.retries import NO_RETRIES, Retries
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.pdf import PdfInput, RenderedPdf, plan_pdf, render_pdf
@@ -26,8 +29,10 @@ from jv4_vllm.core.scoring import (
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import decode_embedding_item
 from jv4_vllm.errors import (
+    PDF_NOT_KEPT,
     BackendError,
     BackendTimeoutError,
+    InvalidRequestError,
     Jv4Error,
     ServiceUnreachableError,
     error_from_response,
@@ -50,19 +55,24 @@ class RouterSender:
     """
 
     def __init__(self, url: str, api_key: str | None, model: str, timeout: float,
-                 *, http: httpx.AsyncClient | None = None) -> None:
+                 *, http: httpx.AsyncClient | None = None, retries: Retries = NO_RETRIES) -> None:
         self._url = url.rstrip("/") + EMBEDDINGS_PATH
         self._rerank_url = url.rstrip("/") + RERANK_PATH
         self._headers = {"Authorization": f"Bearer {api_key}", **_JSON} if api_key else dict(_JSON)
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._model = model
+        self._retries = retries
+        self._router_keeps_pdfs = True  # until a router refuses "keep"
 
     def body(self, items: list[Item], options: EmbedOptions) -> bytes:
         """The request body for ``items``: our task names, base64 answers."""
+        return orjson.dumps(self._fields([_item_payload(item) for item in items], options))
+
+    def _fields(self, inputs: list[dict[str, Any]], options: EmbedOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self._model,
-            "input": [_item_payload(item) for item in items],
+            "input": inputs,
             "task": f"{options.task}.{options.role}" if options.task != "text-matching" else options.task,
             "embedding_type": "base64",
             "return_multivector": options.multivector,
@@ -74,16 +84,19 @@ class RouterSender:
             body["late_chunking"] = True
         if options.dense_and_multivector:
             body["return_dense"] = True
-        return orjson.dumps(body)
+        return body
 
     async def post(self, body: bytes, url: str | None = None) -> httpx.Response:
         """POST one body (to /v1/embeddings unless ``url``); any failure raises a :mod:`jv4_vllm.errors` class.
 
         An error answer raises the class the router rendered (or, for a proxy's page, the one
         its status means); no answer in time is a BackendTimeoutError; no answer at all
-        (refused, reset, DNS, TLS) is a ServiceUnreachableError.
+        (refused, reset, DNS, TLS) is a ServiceUnreachableError. 429, 503 and connection
+        failures are first tried again as the sender's :class:`Retries` allow.
         """
-        target = url or self._url
+        return await self._retries.run(lambda: self._post_once(body, url or self._url))
+
+    async def _post_once(self, body: bytes, target: str) -> httpx.Response:
         try:
             response = await self._http.post(target, content=body, headers=self._headers)
         except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
@@ -102,9 +115,32 @@ class RouterSender:
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return self.result(await self.post(self.body(items, options)))
 
-    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions) -> EmbedResult:
-        """The vectors of one PDF's selected pages, in page order (the router renders them)."""
-        response = await self.post(self.body([pdf], options))  # type: ignore[list-item]
+    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions, *, kept: bool = False) -> EmbedResult:
+        """The vectors of one PDF's selected pages, in page order (the router renders them).
+
+        The router is asked to keep the file; ``kept`` sends its ``sha256:`` reference instead
+        of its bytes (for the later page batches of one PDF), and the bytes again if the router
+        no longer holds it (evicted, or another router replica answered).
+        """
+        pages = {"pages": pdf.pages} if isinstance(pdf.pages, str) else {}
+        if kept and self._router_keeps_pdfs:
+            reference = "sha256:" + hashlib.sha256(pdf.data).hexdigest()
+            try:
+                return await self._pdf_call({"pdf": reference, **pages}, options)
+            except InvalidRequestError as error:
+                if error.code != PDF_NOT_KEPT:
+                    raise
+        item = {"pdf": base64.b64encode(pdf.data).decode("ascii"), **pages}
+        try:
+            return await self._pdf_call({**item, "keep": True}, options)
+        except InvalidRequestError as error:
+            if not (error.param or "").endswith(".keep"):  # a router older than keep refuses the field
+                raise
+            self._router_keeps_pdfs = False
+        return await self._pdf_call(item, options)
+
+    async def _pdf_call(self, item: dict[str, Any], options: EmbedOptions) -> EmbedResult:
+        response = await self.post(orjson.dumps(self._fields([item], options)))
         return parse_answer(response, lambda payload: EmbedResult(
             embeddings=[decode_embedding_item(page) for page in payload["data"][0]["pages"]],
             prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0))))
@@ -160,13 +196,15 @@ async def _render(pdf: PdfInput, limits: LimitsConfig, index: int) -> RenderedPd
 
 
 class EngineSender:
+    """Runs the engine in-process: nothing is uploaded, so ``kept`` changes nothing."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def __call__(self, items: list[Item], options: EmbedOptions) -> EmbedResult:
         return await self._engine.embed(items, options)
 
-    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions) -> EmbedResult:
+    async def embed_pdf(self, pdf: PdfInput, options: EmbedOptions, *, kept: bool = False) -> EmbedResult:
         """Pages rendered in-process at the config's ``render_dpi``, then embedded as images."""
         rendered = await _render(pdf, self._engine.config.limits, 0)
         return await self._engine.embed(list(rendered.images), options)

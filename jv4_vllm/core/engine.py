@@ -17,6 +17,7 @@ import numpy as np
 
 from jv4_vllm.config import Config
 from jv4_vllm.core.admission import CallMeter, TokenBudget
+from jv4_vllm.core.concurrency import all_or_first_error
 from jv4_vllm.core.folds import Projector, WindowSink
 from jv4_vllm.core.planning import Call, Output, Plan, Planner
 from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
@@ -132,12 +133,7 @@ class Engine:
                     tokens = await self._send(runtime, call)
                 used += tokens  # after the await: `used += await ...` would read `used` before it
 
-            try:
-                async with asyncio.TaskGroup() as group:  # one failure cancels the rest
-                    for call in plan.calls:
-                        group.create_task(run(call))
-            except ExceptionGroup as failure:
-                raise failure.exceptions[0] from None
+            await all_or_first_error(run(call) for call in plan.calls)  # one failure cancels the rest
         rows = sum(output.rows for output in plan.outputs)
         if rows > INLINE_FINISH_ROWS:
             return await asyncio.to_thread(self._finish, runtime, plan, options, used)

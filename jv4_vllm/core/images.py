@@ -42,7 +42,7 @@ from jv4_vllm.core.types import ImageInput
 from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
 
 __all__ = ["ALLOWED_FORMATS", "ImageSource", "address_allowed", "decode_base64", "decode_image", "fetch_image_url",
-           "is_url", "load_image", "read_image"]
+           "has_url_scheme", "load_image", "read_image"]
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | Image.Image
 
@@ -155,8 +155,8 @@ def _from_data_uri(uri: str, limits: LimitsConfig, index: int) -> bytes:
     return _from_base64(payload, limits, index)
 
 
-def is_url(text: str) -> bool:
-    """Whether an image string is a URL (``scheme://...``) rather than base64 or a data URI."""
+def has_url_scheme(text: str) -> bool:
+    """``scheme://...``: a URL of any scheme (base64 and data URIs never look like one)."""
     return bool(_URL_RE.match(text))
 
 
@@ -193,7 +193,7 @@ def read_image(value: ImageSource, limits: LimitsConfig, index: int, *, allow_pa
     """
     if isinstance(value, Image.Image):
         return _from_pil(value, limits, index)
-    if isinstance(value, str) and is_url(value):
+    if isinstance(value, str) and has_url_scheme(value):
         raise _invalid(index, "image URLs are fetched by load_image only")
     return decode_image(_local_bytes(value, limits, index, allow_paths), limits, index)
 
@@ -203,7 +203,7 @@ async def load_image(value: ImageSource, limits: LimitsConfig, index: int, *, al
 
     Pillow work runs in a worker thread so the event loop stays responsive.
     """
-    if isinstance(value, str) and is_url(value):
+    if isinstance(value, str) and has_url_scheme(value):
         data = await fetch_image_url(value, limits, index)
         return await asyncio.to_thread(decode_image, data, limits, index)
     if isinstance(value, Image.Image):
@@ -231,45 +231,47 @@ def address_allowed(address: IPAddress) -> bool:
     )
 
 
-async def _resolve_checked(host: str, port: int, index: int) -> str:
+async def _resolve_checked(host: str, port: int, index: int, what: str) -> str:
     """Resolve ``host`` and return one address, after checking EVERY address it resolves to."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise _invalid(index, f"cannot resolve the image URL host {host!r}", "image_fetch_failed") from exc
+        raise _invalid(index, f"cannot resolve the {what} URL host {host!r}", "image_fetch_failed") from exc
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses or not all(address_allowed(a) for a in addresses):
-        raise _invalid(index, "the image URL points to a forbidden (non-public) address", "forbidden_url")
+        raise _invalid(index, f"the {what} URL points to a forbidden (non-public) address", "forbidden_url")
     return str(addresses[0])
 
 
-async def fetch_image_url(url: str, limits: LimitsConfig, index: int) -> bytes:
-    """GET an image over http(s) with the address, redirect, size and time limits applied."""
+async def fetch_image_url(url: str, limits: LimitsConfig, index: int, *, what: str = "image",
+                          max_bytes: int | None = None) -> bytes:
+    """GET an image (or the ``what`` a caller names, at most ``max_bytes``: a PDF) over http(s) with the
+    address, redirect, size and time limits applied; errors name ``what``."""
     if not limits.allow_image_urls:
-        raise _invalid(index, "image URLs are disabled on this server; send base64 or a data URI", "forbidden_url")
+        raise _invalid(index, f"{what} URLs are disabled on this server; send base64 or a data URI", "forbidden_url")
     try:
         async with asyncio.timeout(limits.image_url_timeout_s):
-            return await _fetch(url, limits, index)
+            return await _fetch(url, limits, index, what, limits.max_image_bytes if max_bytes is None else max_bytes)
     except TimeoutError as exc:
-        raise _invalid(index, f"fetching the image URL took longer than {limits.image_url_timeout_s} s",
+        raise _invalid(index, f"fetching the {what} URL took longer than {limits.image_url_timeout_s} s",
                        "image_fetch_failed") from exc
 
 
-async def _fetch(url: str, limits: LimitsConfig, index: int) -> bytes:
+async def _fetch(url: str, limits: LimitsConfig, index: int, what: str, max_bytes: int) -> bytes:
     timeout = httpx.Timeout(limits.image_url_timeout_s)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(_MAX_REDIRECTS + 1):
             try:
                 target = httpx.URL(url)
             except httpx.InvalidURL as exc:
-                raise _invalid(index, "the image URL is malformed", "invalid_url") from exc
+                raise _invalid(index, f"the {what} URL is malformed", "invalid_url") from exc
             if target.scheme not in ("http", "https") or not target.raw_host:
-                raise _invalid(index, "image URLs must be http(s)://host/...", "invalid_url")
+                raise _invalid(index, f"{what} URLs must be http(s)://host/...", "invalid_url")
             if target.userinfo:
-                raise _invalid(index, "image URLs must not carry credentials", "invalid_url")
+                raise _invalid(index, f"{what} URLs must not carry credentials", "invalid_url")
             host = target.raw_host.decode("ascii")
             port = target.port or (443 if target.scheme == "https" else 80)
-            address = await _resolve_checked(host, port, index)
+            address = await _resolve_checked(host, port, index, what)
             # Connect to the address just checked (no second lookup); TLS still checks the real name.
             request = client.build_request(
                 "GET", target.copy_with(host=address),
@@ -279,30 +281,35 @@ async def _fetch(url: str, limits: LimitsConfig, index: int) -> bytes:
             try:
                 response = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise _invalid(index, f"fetching the image URL failed ({type(exc).__name__})",
+                raise _invalid(index, f"fetching the {what} URL failed ({type(exc).__name__})",
                                "image_fetch_failed") from exc
             try:
                 if response.is_redirect and "location" in response.headers:
                     url = str(target.join(response.headers["location"]))
                     continue
                 if response.status_code != 200:
-                    raise _invalid(index, f"fetching the image URL answered HTTP {response.status_code}",
+                    raise _invalid(index, f"fetching the {what} URL answered HTTP {response.status_code}",
                                    "image_fetch_failed")
-                return await _read_capped(response, limits, index)
+                return await _read_capped(response, index, what, max_bytes)
             finally:
                 await response.aclose()
-    raise _invalid(index, f"the image URL redirected more than {_MAX_REDIRECTS} times", "image_fetch_failed")
+    raise _invalid(index, f"the {what} URL redirected more than {_MAX_REDIRECTS} times", "image_fetch_failed")
 
 
-async def _read_capped(response: httpx.Response, limits: LimitsConfig, index: int) -> bytes:
+async def _read_capped(response: httpx.Response, index: int, what: str, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit():
-        _check_byte_size(int(declared), limits, index)
+        _check_url_bytes(int(declared), index, what, max_bytes)
     body = bytearray()
     try:
         async for chunk in response.aiter_raw():
             body += chunk
-            _check_byte_size(len(body), limits, index)
+            _check_url_bytes(len(body), index, what, max_bytes)
     except httpx.HTTPError as exc:
-        raise _invalid(index, f"reading the image URL failed ({type(exc).__name__})", "image_fetch_failed") from exc
+        raise _invalid(index, f"reading the {what} URL failed ({type(exc).__name__})", "image_fetch_failed") from exc
     return bytes(body)
+
+
+def _check_url_bytes(size: int, index: int, what: str, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise _too_large(index, f"{what} is larger than {max_bytes} bytes")

@@ -31,9 +31,9 @@ import pypdfium2.raw as pdfium_c
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.image_rules import DEFAULT_MAX_IMAGE_PIXELS
-from jv4_vllm.core.images import decode_base64, fetch_image_url, read_image
+from jv4_vllm.core.images import decode_base64, fetch_image_url, has_url_scheme, read_image
 from jv4_vllm.core.types import ImageInput
-from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
+from jv4_vllm.errors import InvalidRequestError, PayloadTooLargeError
 
 __all__ = [
     "PageSelection",
@@ -57,7 +57,6 @@ PdfSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 PageSelection = str | Sequence[int] | None
 
 POINTS_PER_INCH = 72.0
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _RANGE_RE = re.compile(r"^(\d*)\s*-\s*(\d*)$")
 _PASSWORD_ERRORS = {4, 6}  # FPDF_ERR_PASSWORD, FPDF_ERR_SECURITY
 _PDFIUM = threading.Lock()  # PDFium must never run in two threads at once
@@ -202,16 +201,12 @@ def read_pdf_bytes(value: PdfSource, limits: LimitsConfig, index: int, allow_pat
 
 
 def is_pdf_url(value: PdfSource) -> bool:
-    return isinstance(value, str) and bool(_URL_RE.match(value))
+    return isinstance(value, str) and has_url_scheme(value)
 
 
 async def fetch_pdf(url: str, limits: LimitsConfig, index: int) -> bytes:
     """An http(s) PDF through the image fetcher: same address checks, redirects and time limit."""
-    try:
-        return await fetch_image_url(url, limits.model_copy(update={"max_image_bytes": limits.max_pdf_bytes}), index)
-    except Jv4Error as exc:
-        exc.message = exc.message.replace("image URL", "PDF URL").replace("image is larger", "PDF is larger")
-        raise
+    return await fetch_image_url(url, limits, index, what="PDF", max_bytes=limits.max_pdf_bytes)
 
 
 # --- opening, checking and rendering ----------------------------------------------------
@@ -308,7 +303,7 @@ def render_plan(plan: PdfPlan, limits: LimitsConfig, cancel: threading.Event | N
 async def load_pdf(value: PdfSource, selection: PageSelection, limits: LimitsConfig, index: int, *,
                    allow_paths: bool = False) -> PdfPlan:
     """Read (or fetch) a PDF and plan it, off the event loop. URLs only when ``allow_image_urls``."""
-    if isinstance(value, str) and _URL_RE.match(value):
+    if isinstance(value, str) and has_url_scheme(value):
         data = await fetch_pdf(value, limits, index)
         return await asyncio.to_thread(plan_pdf, data, selection, limits, index)
 

@@ -1,12 +1,16 @@
-"""The numbers: hidden states -> jina-embeddings-v4 vectors. Pure numpy, float32, no per-token Python."""
+"""Vector arithmetic of the serving path: L2 normalisation and Matryoshka truncation.
+
+The running means and projections over hidden-state rows live in :mod:`jv4_vllm.core.folds`,
+which is what serves; this module holds the steps they share. Pure numpy, float32.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["EPS", "l2_normalize", "mean_pool", "multi_vector", "single_vector", "truncate_matryoshka"]
+__all__ = ["EPS", "l2_normalize", "truncate_matryoshka"]
 
 EPS = 1e-12
 
@@ -19,14 +23,6 @@ def l2_normalize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.divide(x, norm, out=out)
 
 
-def mean_pool(rows: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Mean of rows[start:stop] accumulated in float32 (rows may be fp16)."""
-    span = rows[start:stop]
-    if span.shape[0] == 0:
-        raise ValueError(f"empty pooling span [{start}:{stop}] over {rows.shape[0]} rows")
-    return span.mean(axis=0, dtype=np.float32)
-
-
 def truncate_matryoshka(vector: np.ndarray, dim: int | None, allowed: Sequence[int]) -> np.ndarray:
     """Keep the first ``dim`` components and renormalise; only the trained dims are allowed."""
     if dim is None:
@@ -34,23 +30,3 @@ def truncate_matryoshka(vector: np.ndarray, dim: int | None, allowed: Sequence[i
     if dim not in allowed:
         raise ValueError(f"dimensions={dim} is not one of the model's matryoshka dims {list(allowed)}")
     return l2_normalize(vector[..., :dim])
-
-
-def single_vector(
-    rows: np.ndarray,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    dim: int | None = None,
-    allowed_dims: Sequence[int] = (),
-) -> np.ndarray:
-    """Mean over a token span, L2 normalised, optionally Matryoshka-truncated."""
-    vector = l2_normalize(mean_pool(rows, start, stop))
-    return truncate_matryoshka(vector, dim, allowed_dims)
-
-
-def multi_vector(rows: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Project every token with the task's projector ([P, H] + [P]) and normalise each row."""
-    projected = rows.astype(np.float32, copy=False) @ weight.T
-    projected += bias
-    return l2_normalize(projected)

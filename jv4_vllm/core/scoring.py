@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from jv4_vllm.core.concurrency import all_or_first_error
+from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import RenderedPdf
 from jv4_vllm.core.pooling import EPS
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, Role
@@ -145,12 +147,9 @@ async def score_documents(engine: Engine, query: Item, documents: Sequence[Item 
 
     Errors name ``query`` and ``documents[i]`` rather than engine input positions.
     """
-    flat: list[Item] = []
-    owners: list[int] = []
-    for index, document in enumerate(documents):
-        parts = document.images if isinstance(document, RenderedPdf) else (document,)
-        flat.extend(parts)
-        owners.extend([index] * len(parts))
+    layout = PageLayout(len(documents), {i: d.pages for i, d in enumerate(documents) if isinstance(d, RenderedPdf)})
+    flat = [part for d in documents for part in (d.images if isinstance(d, RenderedPdf) else (d,))]
+    owners = layout.owners()
     multivector = scoring == "maxsim"
     options = EmbedOptions(task=task, role="query", multivector=multivector, truncate=truncate)
 
@@ -160,25 +159,15 @@ async def score_documents(engine: Engine, query: Item, documents: Sequence[Item 
         except Jv4Error as error:
             raise rename_inputs(error, name) from None
 
-    try:
-        async with asyncio.TaskGroup() as group:  # one failure cancels the other pass
-            query_job = group.create_task(embed([query], "query", lambda _: "query"))
-            docs_job = group.create_task(embed(flat, "passage", lambda i: f"documents[{owners[i]}]"))
-    except ExceptionGroup as failure:
-        raise failure.exceptions[0] from None
-    query_result, docs_result = query_job.result(), docs_job.result()
+    query_result, docs_result = await all_or_first_error([  # one failure cancels the other pass
+        embed([query], "query", lambda _: "query"),
+        embed(flat, "passage", lambda i: f"documents[{owners[i]}]")])
     flat_scores = await asyncio.to_thread(_score, query_result.embeddings[0], docs_result.embeddings, scoring)
     scores = np.full(len(documents), -np.inf, dtype=np.float64)
     pages: list[int | None] = [None] * len(documents)
-    position = 0
-    for index, document in enumerate(documents):
-        if isinstance(document, RenderedPdf):
-            page_scores = flat_scores[position:position + len(document.pages)]
-            best = int(np.argmax(page_scores))
-            scores[index], pages[index] = float(page_scores[best]), document.pages[best]
-            position += len(document.pages)
-        else:
-            scores[index] = float(flat_scores[position])
-            position += 1
+    for span in layout.spans():  # a PDF scores as its best page
+        best = span.start + int(np.argmax(flat_scores[span.start:span.stop]))
+        scores[span.index] = float(flat_scores[best])
+        pages[span.index] = None if span.pages is None else span.pages[best - span.start]
     return DocumentScores(scores=scores, pages=pages,
                           prompt_tokens=query_result.prompt_tokens + docs_result.prompt_tokens)

@@ -5,6 +5,8 @@ prompt, its dtype, byte range and shape, then a body of raw rows. :class:`BodyFo
 the header first, then takes body chunks as they come and hands whole rows (float32: fp32 as
 views of the chunk, fp16 and bf16 widened one chunk at a time) to each prompt's :class:`RowSink`. So the router holds at most
 one slab and one partial row per call, never a request's whole hidden states.
+:func:`decode_body` reads a whole body at once with the same parser (the benchmark's raw vLLM
+path and tests, which hold the body anyway).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from jv4_vllm.core.wire import bf16_to_float32, fp16_to_float32
 from jv4_vllm.errors import BackendError
 
-__all__ = ["BodyFolder", "PromptLayout", "RowSink", "parse_metadata"]
+__all__ = ["BodyFolder", "PromptLayout", "RowSink", "decode_body", "parse_metadata", "widen"]
 
 _DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -92,6 +94,23 @@ def widen(raw: bytes | bytearray | memoryview, layout: PromptLayout) -> np.ndarr
     else:
         flat = np.frombuffer(raw, dtype=f"{order}f4")
     return flat.reshape(-1, layout.width)
+
+
+def decode_body(body: bytes, header: str | None) -> tuple[list[np.ndarray], int]:
+    """A whole bytes body: each prompt's rows as float32 [tokens, hidden], in prompt order, and the
+    prompt tokens. The prompt count is the header's; its ranges are checked as when streaming."""
+    try:
+        prompts = len(json.loads(header or "")["data"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"the backend's metadata header is malformed ({type(exc).__name__}: {exc})") from None
+    layouts, tokens = parse_metadata(header, prompts)
+    if max((layout.end for layout in layouts), default=0) > len(body):
+        raise BackendError("the backend's body ended before the rows its metadata announces")
+    arrays: list[np.ndarray] = [np.empty(0)] * prompts
+    view = memoryview(body)
+    for layout in layouts:
+        arrays[layout.index] = widen(view[layout.start:layout.end], layout)
+    return arrays, tokens
 
 
 class BodyFolder:

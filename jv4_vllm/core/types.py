@@ -9,7 +9,11 @@ import numpy as np
 
 from jv4_vllm.errors import InvalidRequestError
 
-__all__ = ["EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
+__all__ = ["TASK_NAMES", "EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
+
+# jina-embeddings-v4's task adapters, as its config's task_names lists them. A service serves
+# those its config names; this list is for what cannot ask one (the client, a demo checkpoint).
+TASK_NAMES: tuple[str, ...] = ("retrieval", "text-matching", "code")
 
 Role = Literal["query", "passage"]
 ROLES: tuple[Role, ...] = ("query", "passage")

@@ -1,18 +1,15 @@
-"""Bytes in and out: decode vLLM ``/pooling`` responses, encode our embeddings.
+"""Bytes in and out: the number formats of vLLM ``/pooling`` rows, and our embeddings' encodings.
 
 Router <-> vLLM traffic is ``encoding_format: bytes`` (raw little-endian fp16/bf16 body
-plus a ``metadata`` JSON header), decoded without per-float Python: fp16 and fp32 rows are
-``np.frombuffer`` views of the body (no copy); bf16 rows are widened to float32 by one
-integer shift, which makes one float32 copy (pooling works in float32 anyway). The JSON
-and base64 forms (slow paths, kept for tests and the benchmark) copy. Outputs follow the
-OpenAI SDK (base64 = little-endian float32) and the Jina API (binary = packed sign bits as
-int8, ubinary as uint8).
+plus a ``metadata`` JSON header; :mod:`jv4_vllm.core.stream` parses it), widened here
+without per-float Python: bf16 by one integer shift, fp16 by :func:`fp16_to_float32`.
+Outputs follow the OpenAI SDK (base64 = little-endian float32) and the Jina API
+(binary = packed sign bits as int8, ubinary as uint8).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any, Literal
 
 import numpy as np
@@ -21,9 +18,7 @@ __all__ = [
     "EmbeddingType",
     "bf16_to_float32",
     "fp16_to_float32",
-    "decode_pooling_bytes",
     "decode_embedding_item",
-    "decode_pooling_json",
     "encode_multivector",
     "encode_vector",
     "pooling_wire_fields",
@@ -31,9 +26,6 @@ __all__ = [
 
 EmbeddingType = Literal["float", "base64", "binary", "ubinary"]
 WireDType = Literal["float16", "bfloat16", "float32"]
-
-_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-
 
 def pooling_wire_fields(dtype: WireDType) -> dict[str, str]:
     """Request fields that make vLLM answer with raw little-endian bytes."""
@@ -67,39 +59,6 @@ def fp16_to_float32(bits: np.ndarray) -> np.ndarray:
     if values.size and (values.max() >= _PAST_FP16 or values.min() <= -_PAST_FP16):
         return bits.view(bits.dtype.str.replace("i", "f")).astype(np.float32)
     return values
-
-
-def _decode_array(body: bytes | memoryview, item: dict[str, Any]) -> np.ndarray:
-    dtype_name = item["embed_dtype"]
-    start, end, shape = int(item["start"]), int(item["end"]), tuple(item["shape"])
-    big = item.get("endianness") == "big"
-    if dtype_name == "bfloat16":
-        raw = np.frombuffer(body, dtype=">u2" if big else "<u2", count=(end - start) // 2, offset=start)
-        return bf16_to_float32(raw).reshape(shape)
-    if dtype_name not in _NUMPY_DTYPES:
-        raise ValueError(f"unsupported embed_dtype {dtype_name!r} in vLLM response")
-    dtype = _NUMPY_DTYPES[dtype_name].newbyteorder(">" if big else "<")
-    return np.frombuffer(body, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start).reshape(shape)
-
-
-def decode_pooling_bytes(body: bytes, metadata_header: str) -> tuple[list[np.ndarray], int]:
-    """Arrays in prompt order (fp16/fp32 views of ``body``, bf16 widened) and prompt tokens used."""
-    metadata = json.loads(metadata_header)
-    items = sorted(metadata["data"], key=lambda item: item["index"])
-    arrays = [_decode_array(body, item) for item in items]
-    return arrays, int(metadata.get("usage", {}).get("prompt_tokens", 0))
-
-
-def decode_pooling_json(payload: dict[str, Any]) -> tuple[list[np.ndarray], int]:
-    """The slow path: ``encoding_format`` float (nested lists) or base64 (float32)."""
-    arrays = []
-    for item in sorted(payload["data"], key=lambda item: item["index"]):
-        data = item["data"]
-        if isinstance(data, str):
-            arrays.append(np.frombuffer(base64.b64decode(data), dtype="<f4"))
-        else:
-            arrays.append(np.asarray(data, dtype=np.float32))
-    return arrays, int(payload.get("usage", {}).get("prompt_tokens", 0))
 
 
 def _packed_bits(vector: np.ndarray) -> np.ndarray:

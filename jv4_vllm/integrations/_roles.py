@@ -20,11 +20,12 @@ import numpy as np
 
 from jv4_vllm.client import AsyncClient, Client
 from jv4_vllm.core.images import ImageSource
+from jv4_vllm.core.types import TASK_NAMES
 
 __all__ = ["DEFAULT_MODEL", "TASKS", "RoleClients", "RouterSettings"]
 
 Role = Literal["query", "passage"]
-TASKS = ("retrieval", "code", "text-matching")
+TASKS = TASK_NAMES  # the tasks an integration may be built for
 DEFAULT_MODEL = "jina-embeddings-v4"
 
 

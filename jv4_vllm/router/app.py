@@ -25,6 +25,7 @@ from jv4_vllm.router.auth import ApiKeys
 from jv4_vllm.router.byte_budget import ByteBudget
 from jv4_vllm.router.drain import AFTER_DRAIN_S, Drain, DrainingServer, DrainMiddleware
 from jv4_vllm.router.errors import install_error_handler
+from jv4_vllm.router.kept_pdfs import KeptPdfs
 from jv4_vllm.router.metrics import MetricsMiddleware, RouterMetrics
 from jv4_vllm.router.process import freeze_startup_objects, tune_process
 from jv4_vllm.router.protocol import (
@@ -70,7 +71,8 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     async def work() -> bytes | Iterator[bytes]:
         options = body.options(engine.model_name, engine.tasks)
         request.state.task = options.task
-        items = await request_items(body, state.config.limits, state.decode_gate)
+        items = await request_items(body, state.config.limits, state.decode_gate, state.kept_pdfs,
+                                    KeptPdfs.caller(request.headers.get("authorization")))
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
         chunks = render_chunks(result, model=body.model or engine.model_name, embedding_type=body.output_type(),
@@ -151,6 +153,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.metrics = RouterMetrics(lambda: app.state.engine)
     app.state.decode_gate = decode_gate(app.state.config.limits)  # the input pools
     app.state.drain = Drain(config.router.shutdown_grace_s)
+    app.state.kept_pdfs = KeptPdfs(config.limits.max_kept_pdf_bytes)
     install_error_handler(app)
     app.include_router(routes)
     app.include_router(rerank_routes)

@@ -7,7 +7,6 @@ shape for OpenAPI; :mod:`jv4_vllm.router.serving` reads inputs and renders respo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -23,6 +22,7 @@ from pydantic import (
     field_validator,
 )
 
+from jv4_vllm.core.images import has_url_scheme
 from jv4_vllm.core.types import EmbedOptions, parse_task
 from jv4_vllm.core.wire import EmbeddingType
 from jv4_vllm.errors import InvalidRequestError, ModelNotFoundError
@@ -55,7 +55,6 @@ DEFAULT_TASK = "text-matching"
 # Union member tags: they show up in validation error locations and are dropped from them.
 _TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object", "url-object", "bytes-object",
                     "pdf-object"})
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class _Schema(BaseModel):
@@ -81,7 +80,7 @@ class UrlObject(_Schema):
     @field_validator("url")
     @classmethod
     def _url_or_data_uri(cls, value: str) -> str:
-        if not (_URL_RE.match(value) or value[:5].lower() == "data:"):
+        if not (has_url_scheme(value) or value[:5].lower() == "data:"):
             raise ValueError("must be an http(s) URL or a data URI (send base64 as {\"bytes\": ...})")
         return value
 
@@ -93,17 +92,22 @@ class BytesObject(_Schema):
     @field_validator("bytes")
     @classmethod
     def _not_url(cls, value: str) -> str:
-        if _URL_RE.match(value):
+        if has_url_scheme(value):
             raise ValueError('must be base64 image bytes, not a URL (send URLs as {"url": ...})')
         return value
 
 
 class PdfObject(_Schema):
-    pdf: StrictStr = Field(description="A PDF as base64, a data URI (data:application/pdf;base64,...) or, when "
-                                       "the server allows URLs, an http(s) URL. Each selected page is rendered "
+    pdf: StrictStr = Field(description="A PDF as base64, a data URI (data:application/pdf;base64,...), when "
+                                       "the server allows URLs an http(s) URL, or sha256:<hex> naming a PDF "
+                                       "this caller sent before with keep. Each selected page is rendered "
                                        "at limits.render_dpi and embedded as an image.")
     pages: StrictStr | None = Field(
         None, description='Pages to embed, 1-based: "1-3,7", "5-" (to the end), "-2"; default: every page.')
+    keep: StrictBool = Field(
+        False, description="Keep the file on the router (bounded by limits.max_kept_pdf_bytes) so later requests "
+                           "may send sha256:<hex of the file> instead of its bytes; a reference the router no "
+                           "longer holds is a 400 with code pdf_not_kept.")
 
 
 # The key that names an object item's kind; an object with none or several of them is refused.

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.types import EmbedResult
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 
@@ -55,17 +56,12 @@ def render_chunks(result: EmbedResult, *, model: str, embedding_type: EmbeddingT
 
 def _items(arrays: Sequence[Any], pages: Mapping[int, Sequence[int]],
            item: Callable[[dict[str, Any], Any, EmbeddingType], Chunks], embedding_type: EmbeddingType) -> Iterator[Chunks]:
-    position, index = 0, 0
-    while position < len(arrays):
-        if index in pages:
-            numbers = pages[index]
-            yield _pages_item(index, [item({"page": n}, arrays[position + k], embedding_type)
-                                      for k, n in enumerate(numbers)])
-            position += len(numbers)
+    for span in PageLayout.of_flat(len(arrays), pages).spans():
+        if span.pages is None:
+            yield item({"index": span.index}, arrays[span.start], embedding_type)
         else:
-            yield item({"index": index}, arrays[position], embedding_type)
-            position += 1
-        index += 1
+            yield _pages_item(span.index, [item({"page": n}, array, embedding_type)
+                                           for n, array in zip(span.pages, arrays[span.start:span.stop])])
 
 
 def _pages_item(index: int, entries: list[Chunks]) -> Chunks:

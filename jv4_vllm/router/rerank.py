@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.responses import Response
 
 from jv4_vllm.config import LimitsConfig
+from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import RenderedPdf
 from jv4_vllm.core.scoring import (
     DocumentScores,
@@ -113,17 +114,9 @@ class RerankResponse(BaseModel):
 
 def _documents(items: RequestItems, count: int) -> list[Item | RenderedPdf]:
     """Flat items back into documents: a PDF's page images regrouped as one document."""
-    documents: list[Item | RenderedPdf] = []
-    position = 0
-    for index in range(count):
-        pages = items.pages.get(index)
-        if pages is None:
-            documents.append(items[position])
-            position += 1
-        else:
-            documents.append(RenderedPdf(pages=tuple(pages), images=tuple(items[position:position + len(pages)])))
-            position += len(pages)
-    return documents
+    return [items[span.start] if span.pages is None else
+            RenderedPdf(pages=span.pages, images=tuple(items[span.start:span.stop]))
+            for span in PageLayout(count, items.pages).spans()]
 
 
 async def _read(raw: list[Any], limits: LimitsConfig, gate: asyncio.Semaphore, field: str,
@@ -135,7 +128,7 @@ async def _read(raw: list[Any], limits: LimitsConfig, gate: asyncio.Semaphore, f
 
 
 def _echo(document: Any) -> dict[str, Any]:
-    return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
+    return {"text": document} if isinstance(document, str) else document.model_dump(exclude_unset=True)
 
 
 def _render(body: RerankRequest, model: str, scores: DocumentScores) -> bytes:

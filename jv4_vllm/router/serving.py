@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from jv4_vllm.config import LimitsConfig
-from jv4_vllm.core.images import decode_image, fetch_image_url, is_url, read_image
+from jv4_vllm.core.images import decode_image, fetch_image_url, has_url_scheme, read_image
+from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import (
     PdfPlan,
     check_page_budget,
@@ -28,6 +29,7 @@ from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.byte_budget import hold_more
 from jv4_vllm.router.input_pools import InputPools
+from jv4_vllm.router.kept_pdfs import KeptPdfs, is_reference
 from jv4_vllm.router.protocol import (
     BytesObject,
     EmbeddingsRequest,
@@ -56,17 +58,16 @@ class RequestItems(list[Item]):
         self.pages = pages or {}
         self._owners: list[int] | None = None
 
+    @property
+    def layout(self) -> PageLayout:
+        return PageLayout.of_flat(len(self), self.pages)
+
     def input_index(self, position: int) -> int:
         """The input the item at ``position`` came from (all of a PDF's pages come from one)."""
         if not self.pages:
             return position
         if self._owners is None:
-            owners: list[int] = []
-            index = 0
-            while len(owners) < len(self):
-                owners.extend([index] * len(self.pages.get(index, (None,))))
-                index += 1
-            self._owners = owners
+            self._owners = self.layout.owners()
         return self._owners[position] if position < len(self._owners) else position
 
 
@@ -91,15 +92,16 @@ def large_response(result: EmbedResult) -> bool:
     return values > INLINE_RENDER_VALUES
 
 
-async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: InputPools) -> RequestItems:
-    """The inputs as engine items, images read and checked (``gate``: the router-wide decode cap);
-    too many inputs is a 413."""
+async def request_items(body: EmbeddingsRequest, limits: LimitsConfig, gate: InputPools,
+                        kept: KeptPdfs | None = None, caller: str = "") -> RequestItems:
+    """The inputs as engine items, images read and checked (``gate``: the router's input pools;
+    ``kept``: PDFs kept for ``caller``); too many inputs is a 413."""
     raw = [body.input] if isinstance(body.input, str) else body.input
     if len(raw) > limits.max_inputs_per_request:
         raise PayloadTooLargeError(
             f"input has {len(raw)} items; the limit is {limits.max_inputs_per_request} per request",
             param="input", code="too_many_inputs")
-    return await read_items(raw, limits, gate)
+    return await read_items(raw, limits, gate, kept, caller)
 
 
 def _image_source(value: object) -> str | None:
@@ -114,8 +116,11 @@ def _image_source(value: object) -> str | None:
 
 
 async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | BytesObject | PdfObject],
-                     limits: LimitsConfig, gate: InputPools) -> RequestItems:
+                     limits: LimitsConfig, gate: InputPools, kept: KeptPdfs | None = None,
+                     caller: str = "") -> RequestItems:
     """Texts as they are; images and PDFs read concurrently, then PDF pages rendered.
+    PDFs marked ``keep`` are kept in ``kept`` for ``caller``, and ``sha256:`` references read
+    from it (without ``kept``, a reference is read as base64 and refused as such).
     A failure reports the lowest failing index."""
     sources = [_image_source(value) for value in raw]
     items: list[Item | None] = [
@@ -132,7 +137,7 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
 
     async def read(index: int, value: str) -> None:
         try:
-            if is_url(value):
+            if has_url_scheme(value):
                 async with gate.fetches:
                     data = await fetch_image_url(value, limits, index)
                 items[index] = image = await gate.decode(decode_image, data, limits, index)
@@ -144,12 +149,15 @@ async def read_items(raw: Sequence[str | TextObject | ImageObject | UrlObject | 
 
     async def plan(index: int, value: PdfObject) -> None:
         try:
-            if is_pdf_url(value.pdf):
+            source = kept.get(caller, value.pdf, index) if kept and is_reference(value.pdf) else value.pdf
+            if is_pdf_url(source):
                 async with gate.fetches:
-                    data = await fetch_pdf(value.pdf, limits, index)
+                    data = await fetch_pdf(source, limits, index)
             else:
-                data = await gate.decode(read_pdf_bytes, value.pdf, limits, index)
+                data = await gate.decode(read_pdf_bytes, source, limits, index)
             plans[index] = await gate.render(plan_pdf, data, value.pages, limits, index)
+            if kept and value.keep:
+                await asyncio.to_thread(kept.put, caller, plans[index].data)
         except Jv4Error as exc:
             failures[index] = exc
 
