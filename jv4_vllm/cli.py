@@ -88,7 +88,9 @@ def cmd_vllm_command(args: argparse.Namespace) -> int:
     import shlex
 
     from jv4_vllm.deploy.vllm_args import vllm_serve_command
-    print(shlex.join(vllm_serve_command(_config(args), args.task, model_root=args.model_root)))
+    config = _config(args)
+    env = [f"{key}={value}" for key, value in config.deployments[args.task].env.items()] if args.task in config.deployments else []
+    print(shlex.join(env + vllm_serve_command(config, args.task, model_root=args.model_root)))
     return 0
 
 

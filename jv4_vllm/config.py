@@ -49,6 +49,9 @@ class DeploymentConfig(_Strict):
 
     urls: list[str] = Field(min_length=1, description="Replica base URLs, or dns+http://host:port")
     port: int | None = Field(None, description="Port used when this machine starts the deployment")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of this task's locally started servers, over vllm.env "
+                                          "(e.g. CUDA_VISIBLE_DEVICES: one GPU per adapter on one machine)")
 
 
 class VllmConfig(_Strict):
@@ -165,6 +168,10 @@ class Config(_Strict):
     def task_dir(self, task: str) -> Path:
         """The prepared checkpoint of one task."""
         return self.prepared_dir / task
+
+    def server_env(self, task: str) -> dict[str, str]:
+        """The environment a locally started vLLM server of ``task`` gets on top of the caller's."""
+        return {**self.vllm.env, **self.deployments[task].env}
 
     def served_name(self, task: str) -> str:
         """The name vLLM serves one task's checkpoint under (``<model>-<task>``)."""

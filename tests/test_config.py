@@ -149,3 +149,17 @@ def test_a_bad_cli_twin_is_one_line(twin: str, value: str, says: str, tmp_path: 
     done = subprocess.run([sys.executable, "-m", "jv4_vllm.cli", *command], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), twin: value})
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and says in done.stderr, done.stderr
+
+
+def test_each_deployment_gets_its_own_gpu_from_its_env() -> None:
+    """`up` and `serve-adapter` start every task's server with vllm.env plus its deployment's env,
+    and `vllm-command` prints that prefix: three adapters on three GPUs of one machine."""
+    gpu = REPO / "configs" / "jina-v4-gpu.yaml"
+    config = load_config(gpu, {"JV4__VLLM__ENV__HF_HOME": "/cache"})
+    devices = [config.server_env(task)["CUDA_VISIBLE_DEVICES"] for task in config.tasks]
+    assert sorted(devices) == ["0", "1", "2"]
+    assert all(config.server_env(task)["HF_HOME"] == "/cache" for task in config.tasks)
+    done = subprocess.run([sys.executable, "-m", "jv4_vllm.cli", "vllm-command", "--config", str(gpu),
+                           "--task", "code"], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert done.stdout.startswith("CUDA_VISIBLE_DEVICES=2 vllm serve ")

@@ -44,7 +44,7 @@ def serve_adapter(config: Config, task: str, host: str = "0.0.0.0") -> int:
     """Replace this process with the task's vLLM server, after printing the exact command."""
     command = local_command(config, task, host=host)
     print(shlex.join(command), flush=True)
-    os.execvpe(command[0], command, {**os.environ, **config.vllm.env})
+    os.execvpe(command[0], command, {**os.environ, **config.server_env(task)})
     return 0  # not reached
 
 
@@ -109,7 +109,7 @@ def start_deployment(config: Config, task: str, *, port: int | None = None, name
                      die_with_parent: bool = False) -> Child:
     """Start one task's vLLM server on loopback in the background."""
     command = local_command(config, task, host="127.0.0.1", port=port)
-    return spawn(name or f"vllm-{task}", command, config.log_dir, config.vllm.env, die_with_parent=die_with_parent)
+    return spawn(name or f"vllm-{task}", command, config.log_dir, config.server_env(task), die_with_parent=die_with_parent)
 
 
 def kill_children(children: Sequence[Child], sig: int = signal.SIGKILL) -> None:
