@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "BackendSettings",
@@ -36,6 +36,16 @@ class DeploymentConfig(_Strict):
 
     urls: list[str] = Field(min_length=1, description="Replica base URLs, or dns+http://host:port")
     port: int | None = Field(None, description="Port used when this machine starts the deployment")
+    min_replicas: int = Field(1, ge=1, description="Fewest vLLM pods of the task (the manifests' autoscaler)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most vLLM pods of the task; above min_replicas, `jv4-vllm k8s` renders an "
+                                "autoscaler on the task's demand (unset: a fixed min_replicas)")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "DeploymentConfig":
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 class VllmConfig(_Strict):
@@ -94,6 +104,10 @@ class RouterConfig(_Strict):
     api_keys_env: str = Field("JV4_API_KEYS", description="Env var holding comma-separated API keys")
     api_keys_file: str | None = Field(None, description="File with one API key per line")
     log_level: str = "info"
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Every router of the fleet (this one included) as base URLs, or one dns+http://name:port "
+                    "resolving to all of them: the routers then share each task's budget. Empty: alone")
 
 
 class Config(_Strict):
