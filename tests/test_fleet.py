@@ -12,6 +12,7 @@ the same bound.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -20,14 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tokenizers import Tokenizer
 from vllm_stack import free_port, wait_ready, write_config
 
+from jv4_vllm.bench.fleet import passage as passage_of
 from jv4_vllm.bench.fleet import router_gauge, run_cell
-from jv4_vllm.bench.long_inputs import long_passage
 from jv4_vllm.config import Config
-from jv4_vllm.core.prompts import PromptBuilder
-from jv4_vllm.core.spec import load_task_spec
 from jv4_vllm.deploy.launch import Child, spawn, stop_children
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -45,9 +43,7 @@ LEAVE_WITHIN_S = 15.0  # a generous multiple of the peer check (HEALTH_S + its 2
 @pytest.fixture(scope="module")
 def passage(prepared_dir: Path) -> tuple[str, int]:
     """A long passage and its prompt's exact token count."""
-    prompts = PromptBuilder(load_task_spec(prepared_dir / TASK))
-    text = long_passage(Tokenizer.from_file(str(prepared_dir / TASK / "tokenizer.json")), PASSAGE_TOKENS)
-    return text, len(prompts.tokenize_texts([text], "passage")[0])
+    return passage_of(prepared_dir / TASK, PASSAGE_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +139,21 @@ def test_a_killed_router_hands_its_share_back(fleet, vllm_stack: Config, passage
     assert peak <= BUDGET_REQUESTS + 1, f"vLLM held {peak} calls; the budget is {BUDGET_REQUESTS}"
     # Together the two reach the whole budget again: each admitted its new, larger share.
     assert all(value == budget // len(alive) for value in admitted.values()), admitted
+
+
+def test_the_fleet_benchmark_reports_every_router_count(vllm_stack: Config, demo_source: Path, prepared_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """A smoke run of ``jv4-vllm bench -- fleet`` on the session's deployment (numbers not judged)."""
+    from jv4_vllm.bench import main
+
+    code = main(["fleet", "--source", str(demo_source), "--prepared", str(prepared_dir), "--out", str(tmp_path),
+                 "--vllm-url", vllm_stack.deployments[TASK].urls[0], "--routers", "1,2", "--concurrency", "4",
+                 "--requests", "6", "--tokens", "512", "--budget-requests", "2", "--timeout", "60",
+                 "--label", "smoke"])
+    assert code == 0, (tmp_path / "fleet-smoke.md").read_text()
+    cells = json.loads((tmp_path / "fleet-smoke.json").read_text())
+    assert [(c["routers"], c["shared"]) for c in cells] == [(1, False), (2, True)]
+    for cell in cells:
+        assert cell["failed"] == 0 and cell["items_per_s"] > 0 and 0 < cell["p50_ms"] <= cell["p99_ms"]
+        assert cell["peak_vllm_calls"] >= 1
+    assert "| smoke | 2 | yes |" in (tmp_path / "fleet-smoke.md").read_text()

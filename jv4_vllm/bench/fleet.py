@@ -130,6 +130,26 @@ def wait_for_peers(urls: list[str], timeout_s: float = PEERS_TIMEOUT_S) -> None:
                 time.sleep(0.2)
 
 
+def passage(task_dir: Path, tokens: int) -> tuple[str, int]:
+    """A passage whose full prompt has at most ``tokens`` tokens, and that prompt's exact count
+    (the budget is set in whole such prompts)."""
+    from tokenizers import Tokenizer
+
+    from jv4_vllm.bench.long_inputs import long_passage
+    from jv4_vllm.core.prompts import PromptBuilder
+    from jv4_vllm.core.spec import load_task_spec
+
+    prompts = PromptBuilder(load_task_spec(task_dir))
+    tokenizer = Tokenizer.from_file(str(task_dir / "tokenizer.json"))
+    target = tokens
+    while True:
+        text = long_passage(tokenizer, target)
+        count = len(prompts.tokenize_texts([text], "passage")[0])
+        if count <= tokens:
+            return text, count
+        target -= count - tokens
+
+
 def markdown(cells: list[FleetCell], label: str) -> str:
     lines = ["| release | routers | shared budget | c | requests | failed | items/s | p50 ms | p99 ms | "
              "peak vLLM calls (budget) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -147,9 +167,6 @@ def markdown(cells: list[FleetCell], label: str) -> str:
 
 def fleet_main(argv: list[str]) -> int:
     """``jv4-vllm bench -- fleet``: start what is missing, measure each router count, write fleet-<label>.md/json."""
-    from tokenizers import Tokenizer
-
-    from jv4_vllm.bench.long_inputs import long_passage
     from jv4_vllm.bench.settings import BenchSettings
     from jv4_vllm.bench.stack import Stack, bench_config
     from jv4_vllm.deploy.launch import free_port
@@ -172,8 +189,7 @@ def fleet_main(argv: list[str]) -> int:
     counts = [int(c) for c in a.routers.split(",") if c.strip()]
     settings = BenchSettings(source=a.source.resolve(), prepared=a.prepared.resolve(), out=a.out.resolve(),
                              vllm_url=a.vllm_url, max_model_len=a.tokens)
-    tokenizer = Tokenizer.from_file(str(settings.prepared / "retrieval" / "tokenizer.json"))
-    text = long_passage(tokenizer, a.tokens - 16)  # room for the "Passage: " prefix
+    text, prompt_tokens = passage(settings.prepared / "retrieval", a.tokens)
     body = {"input": [text], "task": "retrieval.passage", "embedding_type": "base64"}
     stack = Stack(settings.out / "logs")
     cells: list[FleetCell] = []
@@ -183,7 +199,7 @@ def fleet_main(argv: list[str]) -> int:
         if settings.vllm_url is None:
             stack.start_vllm(base, "retrieval")
         backend = base.backend.model_copy(update={
-            "wire_dtype": a.wire_dtype, "tokens_in_flight_per_replica": a.budget_requests * a.tokens,
+            "wire_dtype": a.wire_dtype, "tokens_in_flight_per_replica": a.budget_requests * prompt_tokens,
             "request_timeout_s": a.timeout, "max_queue": a.requests})
         for count in counts:
             ports = [free_port() for _ in range(count)]
