@@ -16,7 +16,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -80,7 +80,7 @@ def _gauge(url: str, name: str) -> float | None:
     return router_gauge(httpx.get(f"{url}/metrics", timeout=5).text, name)
 
 
-def _until(predicate, timeout_s: float) -> None:  # noqa: ANN001 - a zero-argument callable
+def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "timed out"

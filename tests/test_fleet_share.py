@@ -7,6 +7,7 @@ serve the router's own /peer route on loopback.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from fastapi import FastAPI
@@ -139,7 +140,7 @@ def _peer_app(fleet: Fleet) -> FastAPI:
     return app
 
 
-async def _until(predicate, timeout_s: float = 10.0) -> None:  # noqa: ANN001 - a zero-argument callable
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.02)

@@ -94,7 +94,11 @@ def main(argv: list[str]) -> int:
         return long_main(argv[1:])
     if argv and argv[0] == "fleet":
         from jv4_vllm.bench.fleet import fleet_main
-        return fleet_main(argv[1:])
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # its routers are stopped on the way out
+        try:
+            return fleet_main(argv[1:])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     settings = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -74,7 +74,7 @@ async def _peak_calls(http: httpx.AsyncClient, vllm_url: str, stop: asyncio.Even
             pass
         try:
             await asyncio.wait_for(stop.wait(), POLL_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     return peak
 
@@ -151,8 +151,9 @@ def passage(task_dir: Path, tokens: int) -> tuple[str, int]:
 
 
 def markdown(cells: list[FleetCell], label: str) -> str:
-    lines = ["| release | routers | shared budget | c | requests | failed | items/s | p50 ms | p99 ms | "
-             "peak vLLM calls (budget) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| release | routers | shared budget | c | requests | failed | items/s | p50 ms | p99 ms | "
+            "peak vLLM calls (budget) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         p50 = f"{c.p50_ms:.0f}" if c.p50_ms is not None else "-"
         p99 = f"{c.p99_ms:.0f}" if c.p99_ms is not None else "-"
@@ -207,8 +208,8 @@ def fleet_main(argv: list[str]) -> int:
             shared = not a.no_peers and count > 1
             routers = []
             for index, port in enumerate(ports):
-                router = base.router.model_copy(update={"port": port, **({"peers": urls} if shared else {})})
-                config = base.model_copy(update={"router": router, "backend": backend})
+                settings_of = base.router.model_copy(update={"port": port, **({"peers": urls} if shared else {})})
+                config = base.model_copy(update={"router": settings_of, "backend": backend})
                 routers.append(stack.start_router(config, f"bench-fleet-{count}-{index}")[0])
             if shared:
                 wait_for_peers(urls)
