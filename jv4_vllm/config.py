@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 __all__ = [
@@ -52,6 +52,16 @@ class DeploymentConfig(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment of this task's locally started servers, over vllm.env "
                                           "(e.g. CUDA_VISIBLE_DEVICES: one GPU per adapter on one machine)")
+    min_replicas: int = Field(1, ge=1, description="Fewest vLLM pods of the task (the manifests' autoscaler)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most vLLM pods of the task; above min_replicas, `jv4-vllm k8s` renders an "
+                                "autoscaler on the task's demand (unset: a fixed min_replicas)")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "DeploymentConfig":
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 class VllmConfig(_Strict):
@@ -135,6 +145,10 @@ class RouterConfig(_Strict):
         300.0, ge=0, description="On SIGTERM: how long requests already accepted may run before the router exits "
                                  "(it exits as soon as none is left); the manifests' terminationGracePeriodSeconds "
                                  "covers it")
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Every router of the fleet (this one included) as base URLs, or one dns+http://name:port "
+                    "resolving to all of them: the routers then share each task's budget. Empty: alone")
 
 
 class Config(_Strict):

@@ -19,7 +19,16 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from jv4_vllm.config import Config, RouterConfig, load_config
-from jv4_vllm.deploy.k8s import cluster_config, manifest_files, render_manifests, write_manifests
+from jv4_vllm.deploy.k8s import (
+    KEDA_API,
+    autoscaled,
+    cluster_config,
+    drain_seconds,
+    manifest_files,
+    render_manifests,
+    task_demand_query,
+    write_manifests,
+)
 from jv4_vllm.deploy.vllm_args import vllm_serve_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +115,8 @@ def _pod_labels(r: Rendered, component: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schema(rendered: Rendered, version: str) -> None:
     for obj in rendered.objects:
+        if obj["apiVersion"] == KEDA_API:
+            continue  # a custom resource: not in the Kubernetes schema (checked in test_autoscaling_*)
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -241,9 +252,10 @@ def test_router_is_replicated_locked_down_and_probed(rendered: Rendered) -> None
     port = cluster_config(rendered.config, rendered.variant).router.port
     assert container["ports"] == [{"name": "http", "containerPort": port}]
 
-    hpa = rendered.one("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == router["metadata"]["name"]
-    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    scaler = rendered.one("ScaledObject", router["metadata"]["name"])
+    assert scaler["spec"]["scaleTargetRef"]["name"] == router["metadata"]["name"]
+    assert 2 <= scaler["spec"]["minReplicaCount"] < scaler["spec"]["maxReplicaCount"]
+    assert not rendered.all("HorizontalPodAutoscaler"), "KEDA makes the HPAs; a second one would fight it"
     pdb = rendered.one("PodDisruptionBudget")
     assert _selects(pdb["spec"]["selector"], router["spec"]["template"]["metadata"]["labels"])
     service = rendered.one("Service", "jv4-vllm-router")
@@ -269,6 +281,80 @@ def test_router_reads_its_configmap_and_api_keys_from_a_secret(rendered: Rendere
     # The router reads each task's jv4.json and projector from the shared volume, read-only.
     models = next(m for m in container["volumeMounts"] if m["mountPath"] == MODEL_MOUNT)
     assert models["readOnly"] is True
+
+
+# ---------------------------------------------------------------- fleet: shared budget and autoscaling
+
+
+def _check_scaled_object(obj: Obj, target: Obj) -> None:
+    """The fields KEDA's ScaledObject CRD requires, with the types it takes."""
+    assert obj["apiVersion"] == KEDA_API and obj["kind"] == "ScaledObject"
+    spec = obj["spec"]
+    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
+                         "cooldownPeriod", "advanced", "triggers"}
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": target["metadata"]["name"]}
+    assert obj["metadata"]["name"] == target["metadata"]["name"]
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] in ("prometheus", "cpu")
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
+        if trigger["type"] == "prometheus":
+            assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
+            assert int(trigger["metadata"]["threshold"]) > 0
+
+
+def test_autoscaling_scales_each_task_on_its_demand(rendered: Rendered) -> None:
+    backend = rendered.config.backend
+    for task, deployment in rendered.config.deployments.items():
+        assert autoscaled(deployment), f"{task}: the committed configs scale every task"
+        target = rendered.vllm(task)
+        scaler = rendered.one("ScaledObject", target["metadata"]["name"])
+        _check_scaled_object(scaler, target)
+        assert (scaler["spec"]["minReplicaCount"], scaler["spec"]["maxReplicaCount"]) == (
+            deployment.min_replicas, deployment.max_replicas)
+        (trigger,) = scaler["spec"]["triggers"]
+        assert trigger["metadata"]["query"] == task_demand_query(task)
+        assert f'task="{task}"' in trigger["metadata"]["query"]
+        assert trigger["metadata"]["threshold"] == str(backend.tokens_in_flight_per_replica)
+        assert "replicas" not in target["spec"], "the autoscaler owns the count: an apply must not reset it"
+    _check_scaled_object(rendered.one("ScaledObject", "jv4-vllm-router"), rendered.router)
+
+
+def test_vllm_pods_drain_before_they_stop(rendered: Rendered) -> None:
+    backend = rendered.config.backend
+    for task in rendered.config.tasks:
+        pod = _pod(rendered.vllm(task))
+        (container,) = pod["containers"]
+        seconds = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert seconds == drain_seconds(rendered.config)
+        assert seconds > backend.dns_refresh_s + 2 * backend.health_interval_s, "routers must drop it first"
+        assert pod["terminationGracePeriodSeconds"] > seconds
+
+
+def test_router_peers_name_the_routers_headless_service(rendered: Rendered) -> None:
+    cluster = cluster_config(rendered.config, rendered.variant)
+    (peers,) = cluster.router.peers
+    service = rendered.one("Service", "jv4-vllm-router-peers")
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"
+    (port,) = spec["ports"]
+    assert peers == f"dns+http://{service['metadata']['name']}:{port['port']}"
+    assert port["port"] == cluster.router.port and port["targetPort"] == "http"
+    selected = [o["metadata"]["name"] for o, t in _pod_templates(rendered)
+                if _selects({"matchLabels": spec["selector"]}, t["metadata"]["labels"])]
+    assert selected == [rendered.router["metadata"]["name"]]
+    configmap = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+    assert configmap["router"]["peers"] == [peers]
+
+
+def test_a_task_without_max_replicas_keeps_a_fixed_count() -> None:
+    config = _config("gpu")
+    fixed = {task: d.model_copy(update={"min_replicas": 2, "max_replicas": None})
+             for task, d in config.deployments.items()}
+    rendered = Rendered("gpu", config, render_manifests(config.model_copy(update={"deployments": fixed}), "gpu"))
+    assert [o["metadata"]["name"] for o in rendered.all("ScaledObject")] == ["jv4-vllm-router"]
+    assert all(rendered.vllm(task)["spec"]["replicas"] == 2 for task in config.tasks)
 
 
 # ---------------------------------------------------------------- network policy

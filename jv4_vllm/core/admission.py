@@ -7,6 +7,10 @@ every request inside the limits runs eventually. Waiting is counted in requests 
 ``max_queue``), never in calls. Inside an admitted request, a :class:`CallMeter` keeps the
 request's own calls within its grant, so vLLM only ever holds what the budget allows and a
 call's timeout measures vLLM's work, not a queue.
+
+Routers of one fleet share the budget: each admits against its share (the budget divided by
+the live routers it counts, :func:`~jv4_vllm.core.fleet.fleet_share`), so their parts add up
+to the budget; a request bigger than a share still runs, alone in its router.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from jv4_vllm.core.fleet import fleet_share
 from jv4_vllm.errors import OverloadedError
 
 __all__ = ["CallMeter", "TokenBudget"]
@@ -30,23 +35,37 @@ class _Waiter:
 
 
 class TokenBudget:
-    """FIFO admission of whole requests against a token budget that follows healthy replicas."""
+    """FIFO admission of whole requests against a token budget that follows healthy replicas,
+    and this router's share of it (``routers``: the live routers sharing it, itself included)."""
 
-    def __init__(self, task: str, tokens_per_replica: int, max_queue: int, replicas: Callable[[], int]) -> None:
+    def __init__(self, task: str, tokens_per_replica: int, max_queue: int, replicas: Callable[[], int],
+                 routers: Callable[[], int] = lambda: 1) -> None:
         self.task = task
         self.tokens_per_replica = tokens_per_replica
         self.max_queue = max_queue
         self._replicas = replicas
+        self._routers = routers
         self.in_flight = 0
         self._waiters: deque[_Waiter] = deque()
 
     @property
-    def capacity(self) -> int:
+    def budget(self) -> int:
+        """The task's whole budget, shared by every router of the fleet."""
         return self.tokens_per_replica * max(1, self._replicas())
+
+    @property
+    def capacity(self) -> int:
+        """What this router may admit: its share of the budget."""
+        return fleet_share(self.budget, self._routers())
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def waiting_tokens(self) -> int:
+        """Prompt tokens of the requests waiting (the demand admission holds back)."""
+        return sum(waiter.cost for waiter in self._waiters)
 
     def _fits(self, cost: int) -> bool:
         return self.in_flight == 0 or self.in_flight + min(cost, self.capacity) <= self.capacity

@@ -18,6 +18,7 @@ import numpy as np
 from jv4_vllm.config import Config
 from jv4_vllm.core.admission import CallMeter, TokenBudget
 from jv4_vllm.core.concurrency import all_or_first_error
+from jv4_vllm.core.fleet import Fleet
 from jv4_vllm.core.folds import Projector, WindowSink
 from jv4_vllm.core.planning import Call, Output, Plan, Planner
 from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
@@ -43,13 +44,15 @@ TEXT_MAX_TOKENS = 32768  # jina-embeddings-v4's own encoder never keeps more tex
 class TaskRuntime:
     """Per-task state loaded once: spec, prompt builder, projector, replica pool, token budget."""
 
-    def __init__(self, spec: TaskSpec, config: Config) -> None:
+    def __init__(self, spec: TaskSpec, config: Config, fleet: Fleet | None = None) -> None:
         self.spec = spec
         self.prompts = PromptBuilder(spec)
         self.projector = Projector(spec.projector_weight, spec.projector_bias)
         settings = config.backend
         self.budget = TokenBudget(spec.task, settings.tokens_in_flight_per_replica, settings.max_queue,
-                                  lambda: self.pool.healthy_count())
+                                  lambda: self.pool.healthy_count(), fleet.size if fleet is not None else lambda: 1)
+        if fleet is not None:
+            fleet.subscribe(self.budget.wake)  # a router left: its share is ours to admit now
         self.pool = ReplicaPool(spec.task, config.deployments[spec.task].urls, settings,
                                 on_change=self.budget.wake)
         # what every /pooling call of this task carries besides its prompts
@@ -75,13 +78,14 @@ class Engine:
         self._planner = Planner(config, self.max_tokens)
 
     @classmethod
-    async def start(cls, config: Config) -> "Engine":
+    async def start(cls, config: Config, fleet: Fleet | None = None) -> "Engine":
+        """Load every task and reach its replicas; ``fleet``: the routers this engine shares budgets with."""
         runtimes = {}
         for task in config.deployments:
             spec = load_task_spec(config.task_dir(task))
             if spec.task != task:
                 raise ValueError(f"{config.task_dir(task)} holds task {spec.task!r}, not {task!r}")
-            runtimes[task] = TaskRuntime(spec, config)
+            runtimes[task] = TaskRuntime(spec, config, fleet)
         engine = cls(config, runtimes)
         await asyncio.gather(*(r.pool.start() for r in runtimes.values()))
         return engine
@@ -99,6 +103,11 @@ class Engine:
     def admission_stats(self) -> dict[str, tuple[int, int]]:
         """Per task: (tokens in flight, requests waiting)."""
         return {task: (r.budget.in_flight, r.budget.waiting) for task, r in self._runtimes.items()}
+
+    def budget_stats(self) -> dict[str, tuple[int, int, int]]:
+        """Per task: (the whole budget, this router's share of it, tokens of requests waiting)."""
+        return {task: (r.budget.budget, r.budget.capacity, r.budget.waiting_tokens)
+                for task, r in self._runtimes.items()}
 
     def matryoshka_dims(self, task: str) -> list[int]:
         return list(self.runtime(task).spec.matryoshka_dims)

@@ -137,8 +137,9 @@ class ReplicaPool:
     """Replicas of one task's vLLM deployment behind one ``post`` call."""
 
     def __init__(self, task: str, urls: list[str], settings: BackendSettings,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, health_path: str = "/health") -> None:
         self.task = task
+        self.health_path = health_path  # what a health check GETs (peer routers answer another path)
         self.settings = settings
         self._static = [u.rstrip("/") for u in urls if not u.startswith(DNS_SCHEME)]
         self._dns = [u[len(DNS_SCHEME):].rstrip("/") for u in urls if u.startswith(DNS_SCHEME)]
@@ -204,7 +205,7 @@ class ReplicaPool:
 
     async def _probe(self, replica: Replica) -> None:
         try:
-            async with self._http().get(f"{replica.url}/health",
+            async with self._http().get(f"{replica.url}{self.health_path}",
                                         timeout=aiohttp.ClientTimeout(total=self.settings.connect_timeout_s)) as response:
                 ok = response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):

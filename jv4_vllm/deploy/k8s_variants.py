@@ -36,6 +36,11 @@ class Variant:
     api_keys_required: bool  # the router pod will not start without the API key Secret
     router_min_replicas: int = 2
     router_max_replicas: int = 10
+    # Prompt tokens a router pod pools per second before another is added: about half of what two
+    # cores pooled into multi-vectors in the router-ceiling benchmark (80k tokens/s per core).
+    router_tokens_per_s: int = 80_000
+    # The Prometheus that scrapes the router pods (their prometheus.io annotations); KEDA asks it.
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     wait: Resources = field(default_factory=lambda: Resources(
         requests={"cpu": "10m", "memory": "16Mi"}, limits={"cpu": "100m", "memory": "64Mi"}))
 
@@ -66,5 +71,6 @@ VARIANTS: dict[str, Variant] = {
         demo_source=True,
         api_keys_required=False,
         router_max_replicas=3,
+        router_tokens_per_s=20_000,
     ),
 }

@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 
 from jv4_vllm._version import __version__
 from jv4_vllm.config import Config
+from jv4_vllm.core.fleet import PEER_PATH, Fleet
 from jv4_vllm.core.image_rules import model_image_limits
 from jv4_vllm.router.admission import (
     CLIENT_CLOSED_REQUEST,
@@ -121,6 +122,14 @@ async def ready(request: Request, all: bool = False) -> Response:
     return _json(body)
 
 
+@routes.get(PEER_PATH, summary="Fleet membership", include_in_schema=False)
+async def peer(request: Request, id: str = "") -> Response:
+    """Peer routers check each other here: 200 with this router's id, or 409 when ``id`` is this
+    router's own (it found itself in ``router.peers`` and must not count itself twice)."""
+    own = request.app.state.fleet.id
+    return _json({"id": own}, status_code=409 if id == own else 200)
+
+
 @routes.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.exposition()
@@ -130,6 +139,7 @@ async def metrics(request: Request) -> Response:
 def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     """The router app. Without ``engine`` it starts one from ``config`` (and closes it) in its lifespan."""
     keys = ApiKeys.from_config(config.router)
+    fleet = Fleet(config.router.peers, config.backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,19 +148,24 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
             return
         from jv4_vllm.core.engine import Engine
 
-        app.state.engine = await Engine.start(config)
-        freeze_startup_objects()
+        await fleet.start()
         try:
-            yield
+            app.state.engine = await Engine.start(config, fleet)
+            freeze_startup_objects()
+            try:
+                yield
+            finally:
+                await app.state.engine.aclose()
         finally:
-            await app.state.engine.aclose()
+            await fleet.aclose()
 
     app = FastAPI(title="jv4_vllm router", version=__version__, lifespan=lifespan,
                   description="jina-embeddings-v4 on vLLM: OpenAI- and Jina-compatible embeddings, "
                               "every task adapter, text and images, single and multi-vector.")
     app.state.config = config.model_copy(update={"limits": model_image_limits(config)})  # pixels follow the model
     app.state.engine = engine
-    app.state.metrics = RouterMetrics(lambda: app.state.engine)
+    app.state.fleet = fleet
+    app.state.metrics = RouterMetrics(lambda: app.state.engine, fleet.size)
     app.state.decode_gate = decode_gate(app.state.config.limits)  # the input pools
     app.state.drain = Drain(config.router.shutdown_grace_s)
     app.state.kept_pdfs = KeptPdfs(config.limits.max_kept_pdf_bytes)

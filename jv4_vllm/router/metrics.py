@@ -2,7 +2,8 @@
 
 Per request: count, errors and latency by route, task and status. Per embeddings call:
 inputs by kind and prompt tokens. Per replica, read from the engine at scrape time:
-health and calls in flight.
+health and calls in flight; per task, its budget, this router's share of it and the demand
+waiting (the autoscaler's signal); the live routers of the fleet.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class _BackendCollector(Collector):
     """Replica health and in-flight calls, read from the engine when Prometheus scrapes."""
 
-    def __init__(self, engine: Callable[[], Any]) -> None:
+    def __init__(self, engine: Callable[[], Any], routers: Callable[[], int]) -> None:
         self._engine = engine
+        self._routers = routers
 
     def collect(self) -> Iterable[Metric]:
         healthy = GaugeMetricFamily("jv4_backend_healthy", "1 if the replica passes health checks",
@@ -44,6 +46,13 @@ class _BackendCollector(Collector):
         tokens = GaugeMetricFamily("jv4_admitted_tokens", "Prompt tokens of admitted requests in flight",
                                    labels=["task"])
         waiting = GaugeMetricFamily("jv4_waiting_requests", "Requests waiting for admission", labels=["task"])
+        waiting_tokens = GaugeMetricFamily("jv4_waiting_tokens", "Prompt tokens of requests waiting for admission",
+                                           labels=["task"])
+        budget = GaugeMetricFamily("jv4_budget_tokens", "The task's token budget, shared by the whole fleet",
+                                   labels=["task"])
+        share = GaugeMetricFamily("jv4_share_tokens", "This router's share of the task's budget", labels=["task"])
+        routers = GaugeMetricFamily("jv4_fleet_routers", "Live routers sharing the budgets, this one included",
+                                    value=float(self._routers()))
         engine = self._engine()
         if engine is not None:
             for stats in engine.replica_stats():
@@ -54,13 +63,17 @@ class _BackendCollector(Collector):
             for task, (admitted, queued) in engine.admission_stats().items():
                 tokens.add_metric([task], float(admitted))
                 waiting.add_metric([task], float(queued))
-        return [healthy, in_flight, ready, tokens, waiting]
+            for task, (whole, part, demand) in engine.budget_stats().items():
+                budget.add_metric([task], float(whole))
+                share.add_metric([task], float(part))
+                waiting_tokens.add_metric([task], float(demand))
+        return [healthy, in_flight, ready, tokens, waiting, waiting_tokens, budget, share, routers]
 
 
 class RouterMetrics:
     """The metric families of one app; ``engine`` returns the engine once it has started."""
 
-    def __init__(self, engine: Callable[[], Any]) -> None:
+    def __init__(self, engine: Callable[[], Any], routers: Callable[[], int] = lambda: 1) -> None:
         self.registry = CollectorRegistry()
         labels = ["route", "task", "status"]
         self.requests = Counter("jv4_requests", "HTTP requests", labels, registry=self.registry)
@@ -69,7 +82,7 @@ class RouterMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inputs = Counter("jv4_inputs", "Inputs embedded", ["task", "kind"], registry=self.registry)
         self.tokens = Counter("jv4_prompt_tokens", "Prompt tokens embedded", ["task"], registry=self.registry)
-        self.registry.register(_BackendCollector(engine))
+        self.registry.register(_BackendCollector(engine, routers))
 
     def observe_embed(self, task: str, items: Sequence[Item], prompt_tokens: int) -> None:
         images = sum(isinstance(item, ImageInput) for item in items)
