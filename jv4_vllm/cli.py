@@ -89,6 +89,16 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.cli import run_batch_command
+    return run_batch_command(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.cli import embed_command
+    return embed_command(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from jv4_vllm.bench import main as bench_main
     return bench_main([a for a in args.bench_args if a != "--"])
@@ -137,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
     _add(p, "--out", required=True, help="output directory")
     _add(p, "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
+
+    from jv4_vllm.bulk.cli import add_embed_flags, add_job_flags
+    p = command("run-batch", cmd_run_batch, "Run an OpenAI batch file (JSONL) through the service; resumable.", False)
+    add_job_flags(p)
+    p = command("embed", cmd_embed, "Embed a corpus (JSONL, Parquet or a directory) into Parquet; resumable.", False)
+    add_job_flags(p)
+    add_embed_flags(p)
 
     p = command("bench", cmd_bench, "Benchmark the paths side by side (see `jv4-vllm bench -- --help`).", False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")

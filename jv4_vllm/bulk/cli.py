@@ -1,0 +1,106 @@
+"""The flags of ``jv4-vllm run-batch`` and ``jv4-vllm embed`` and the commands behind them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+from jv4_vllm.bulk.job import JobSettings
+from jv4_vllm.bulk.pacing import PacingSettings
+from jv4_vllm.bulk.shard import parse_shard
+from jv4_vllm.bulk.transport import RetrySettings, Transport
+
+__all__ = ["add_embed_flags", "add_job_flags", "embed_command", "run_batch_command"]
+
+
+
+def add(p: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """A flag whose default comes from its environment twin (JV4_SHARD for --shard, ...)."""
+    env = "JV4_" + flags[0].lstrip("-").upper().replace("-", "_")
+    if (value := os.environ.get(env)) is not None:
+        kwargs["default"] = kwargs.get("type", str)(value)
+        kwargs["required"] = False
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]"
+    p.add_argument(*flags, **kwargs)
+
+
+def add_job_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both commands share."""
+    add(p, "--input", "-i", required=True, help="input file (`-` reads stdin)")
+    add(p, "--output", "-o", required=True, help="output file; rerun with the same one to resume")
+    target = p.add_mutually_exclusive_group()
+    add(target, "--url", default=None, help="router URL")  # type: ignore[arg-type]
+    add(target, "--config", default=None,  # type: ignore[arg-type]
+        help="YAML config: run on the in-process engine, straight to the deployments")
+    add(p, "--api-key", default=None, help="router API key")
+    add(p, "--shard", default=None, help="I/N: take a stable 1/N of the input (`job/N`: I from JOB_COMPLETION_INDEX)")
+    add(p, "--max-concurrency", type=int, default=64, help="requests in flight at most (the job adapts below it)")
+    add(p, "--initial-concurrency", type=int, default=4, help="requests in flight at the start")
+    add(p, "--give-up-after", type=float, default=None,
+        help="seconds a request is retried through overload and outages (default: until it succeeds)")
+    add(p, "--timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; one summary line at the end")
+
+
+def add_embed_flags(p: argparse.ArgumentParser) -> None:
+    add(p, "--task", required=True, help="retrieval.query, retrieval.passage, text-matching, code.query, ...")
+    p.add_argument("--multivector", action="store_true", help="one 128-d row per token (plus the dense vector)")
+    add(p, "--dimensions", type=int, default=None, help="Matryoshka size of the dense vectors")
+    add(p, "--batch-size", type=int, default=32, help="texts per request")
+    add(p, "--image-batch-size", type=int, default=8, help="images (and PDF pages) per request")
+    add(p, "--row-group-size", type=int, default=256, help="rows per Parquet row group (the unit of resume)")
+    add(p, "--qdrant", default=None, help="also upsert into Qdrant: a URL, or a directory for its local mode")
+    add(p, "--collection", default=None, help="Qdrant collection (created when missing)")
+    add(p, "--model", default="jina-embeddings-v4", help="model name sent to the service")
+
+
+def _settings(args: argparse.Namespace) -> JobSettings:
+    if bool(args.url) == bool(args.config):
+        raise ValueError("give the router's --url, or --config to run on the in-process engine (one of them)")
+    if args.max_concurrency < 1 or args.initial_concurrency < 1:
+        raise ValueError("--max-concurrency and --initial-concurrency must be at least 1")
+    pacing = PacingSettings(initial=min(args.initial_concurrency, args.max_concurrency),
+                            maximum=args.max_concurrency)
+    return JobSettings(shard=parse_shard(args.shard), pacing=pacing,
+                       retry=RetrySettings(give_up_after_s=args.give_up_after), quiet=args.quiet)
+
+
+async def _transport(args: argparse.Namespace) -> Transport:
+    if args.url:
+        return Transport.router(args.url, api_key=args.api_key, timeout_s=args.timeout)
+    return await Transport.in_process(args.config, timeout_s=args.timeout)
+
+
+def _run(job: Callable[[Transport], Any], args: argparse.Namespace) -> int:
+    async def main() -> None:
+        transport = await _transport(args)
+        try:
+            await job(transport)
+        finally:
+            await transport.aclose()
+
+    asyncio.run(main())
+    return 0
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.run_batch import run_batch
+
+    settings = _settings(args)
+    return _run(lambda transport: run_batch(args.input, args.output, transport, settings), args)
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.embed import EmbedSettings, embed
+
+    if args.qdrant and not args.collection:
+        raise ValueError("--qdrant needs --collection")
+    options = EmbedSettings(task=args.task, multivector=args.multivector, dimensions=args.dimensions,
+                            batch_size=args.batch_size, image_batch_size=args.image_batch_size,
+                            row_group_size=args.row_group_size, qdrant=args.qdrant, collection=args.collection,
+                            model=args.model)
+    settings = _settings(args)
+    return _run(lambda transport: embed(args.input, args.output, transport, settings, options), args)
