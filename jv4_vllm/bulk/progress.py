@@ -43,6 +43,13 @@ class Progress:
         self.tokens += tokens
         self._bar.update(items)
 
+    def skip(self) -> None:
+        """One unit found already done (a rerun): out of the bar's total."""
+        self.skipped += 1
+        if self._bar.total:
+            self._bar.total -= 1
+            self._bar.refresh()
+
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
