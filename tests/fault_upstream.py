@@ -26,6 +26,10 @@ class FaultUpstream:
         self.calls += 1
         return await self.pooling(request)
 
+    def routes(self) -> list[web.RouteDef]:
+        """More routes, for subclasses that stand in for something other than a replica."""
+        return []
+
     @staticmethod
     async def _health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -34,6 +38,7 @@ class FaultUpstream:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_post("/pooling", self._pooling)
+        app.add_routes(self.routes())
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
