@@ -86,6 +86,10 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from jv4_vllm.deploy.k8s import write_manifests
     for path in write_manifests(_config(args), Path(args.out), variant=args.variant):
         print(path)
+    if args.bulk_workers:
+        from jv4_vllm.deploy.k8s_bulk import write_bulk_job
+        print(write_bulk_job(_config(args), Path(args.out), workers=args.bulk_workers, command=args.bulk_command,
+                             input_path=args.bulk_input, task=args.bulk_task))
     return 0
 
 
@@ -147,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
     _add(p, "--out", required=True, help="output directory")
     _add(p, "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
+    _add(p, "--bulk-workers", type=int, default=0, help="also write bulk-job.yaml: an Indexed Job of N workers")
+    _add(p, "--bulk-command", default="embed", choices=["embed", "run-batch"], help="what the bulk Job runs")
+    _add(p, "--bulk-input", default="/data/in/corpus.jsonl", help="input path on the bulk Job's data volume")
+    _add(p, "--bulk-task", default="retrieval.passage", help="task of a bulk embed Job")
 
     from jv4_vllm.bulk.cli import add_embed_flags, add_job_flags
     p = command("run-batch", cmd_run_batch, "Run an OpenAI batch file (JSONL) through the service; resumable.", False)
