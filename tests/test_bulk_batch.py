@@ -233,3 +233,26 @@ def test_shards_split_stably():
         assert parse_shard("job/4").index == 1
     finally:
         del os.environ["JOB_COMPLETION_INDEX"]
+
+
+def test_config_runs_in_process_like_the_router(vllm_stack, router_url, tmp_path):
+    from vllm_stack import write_config
+
+    config = write_config(vllm_stack, tmp_path / "config.yaml")
+    lines = batch_lines(texts=5)
+    source = write_input(tmp_path / "in.jsonl", lines)
+    outputs = {}
+    for name, target in (("router", ["--url", router_url]), ("engine", ["--config", str(config)])):
+        out = tmp_path / f"{name}.jsonl"
+        done = subprocess.run(cli("run-batch", "-i", str(source), "-o", str(out), "--quiet", *target),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs[name] = {row["custom_id"] or row["error"]["line"]: row for row in read_output(out)}
+    assert outputs["router"].keys() == outputs["engine"].keys()
+    for key, row in outputs["router"].items():
+        other = outputs["engine"][key]
+        assert (row["response"] or {}).get("status_code") == (other["response"] or {}).get("status_code")
+        body = (row["response"] or {}).get("body") or {}
+        if "data" in body:
+            for a, b in zip(_vectors(body), _vectors(other["response"]["body"]), strict=True):
+                assert _cos(a, b) >= MIN_COS

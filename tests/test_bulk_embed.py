@@ -124,3 +124,32 @@ def test_directory_corpus(router_url, corpus, tmp_path):
         (corpus.parent / "media" / "note.md").unlink()
     ids = sorted({row["id"] for row in pq.read_table(out).to_pylist()})
     assert ids == ["doc.pdf", "image-0.png", "image-1.png", "image-2.png", "note.md"]
+
+
+def test_sigkill_between_row_groups_then_rerun(router_url, tmp_path):
+    import os
+    import signal
+    import time
+
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"t{i}", "text": f"text number {i} " * 4}) + "\n" for i in range(160)))
+    out = tmp_path / "out.parquet"
+    args = [sys.executable, "-m", "jv4_vllm.cli", "embed", "-i", str(corpus), "-o", str(out), "--url", router_url,
+            "--task", "retrieval.passage", "--quiet", "--batch-size", "2", "--row-group-size", "4",
+            "--max-concurrency", "2", "--initial-concurrency", "1"]
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if pq.read_metadata(out).num_rows >= 12:
+                break
+        except Exception:  # noqa: BLE001 - not there yet, or caught mid-append
+            pass
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"t{i}" for i in range(160))  # no duplicates, no gaps
+    assert " 0 already done" not in done.stderr
