@@ -51,8 +51,8 @@ def test_the_job_validates_and_shards_by_completion_index(command, version):
 
 def test_the_cli_writes_the_job_apart_from_the_kustomization(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jv4_vllm.cli", "k8s", "--config", str(CONFIG), "--out",
-                           str(tmp_path), "--bulk-workers", "3"], capture_output=True, text=True, timeout=120)
+                           str(tmp_path), "--bulk-workers", "3"], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
-    job = [o for o in yaml.safe_load_all((tmp_path / "bulk-job.yaml").read_text()) if o["kind"] == "Job"][0]
+    job = next(o for o in yaml.safe_load_all((tmp_path / "bulk-job.yaml").read_text()) if o["kind"] == "Job")
     assert job["spec"]["completions"] == 3
     assert "bulk-job.yaml" not in (tmp_path / "kustomization.yaml").read_text()

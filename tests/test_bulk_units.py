@@ -4,7 +4,6 @@ JSONL repair, key sets, the duplicate check and the concurrency controller."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 

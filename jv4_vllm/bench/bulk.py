@@ -30,8 +30,7 @@ import httpx
 
 __all__ = ["bulk_main"]
 
-WORDS = ("vector search embeds passages into dense and multi-vector spaces so that late interaction can "
-         "rank documents pages images tables code and queries across languages with one model").split()
+WORDS = ["vector", "search", "embeds", "passages", "into", "dense", "and", "multi-vector", "spaces", "so", "that", "late", "interaction", "can", "rank", "documents", "pages", "images", "tables", "code", "and", "queries", "across", "languages", "with", "one", "model"]
 
 
 def _passage(i: int) -> str:
@@ -73,8 +72,7 @@ def _write_corpus(folder: Path, passages: int, pdf: bytes) -> Path:
     (folder / "doc.pdf").write_bytes(pdf)
     path = folder / "corpus.jsonl"
     with open(path, "w") as fh:
-        for i in range(passages):
-            fh.write(json.dumps({"id": f"p{i}", "text": _passage(i)}) + "\n")
+        fh.writelines(json.dumps({"id": f"p{i}", "text": _passage(i)}) + "\n" for i in range(passages))
         fh.write(json.dumps({"id": "doc", "pdf": "doc.pdf"}) + "\n")
     return path
 
@@ -82,8 +80,7 @@ def _write_corpus(folder: Path, passages: int, pdf: bytes) -> Path:
 def _write_batch(folder: Path, bodies: list[tuple[bytes, int]]) -> Path:
     path = folder / "batch.jsonl"
     with open(path, "wb") as fh:
-        for k, (body, _) in enumerate(bodies):
-            fh.write(b'{"custom_id": "r%d", "method": "POST", "url": "/v1/embeddings", "body": ' % k + body + b"}\n")
+        fh.writelines(b'{"custom_id": "r%d", "method": "POST", "url": "/v1/embeddings", "body": ' % k + body + b"}\n" for k, (body, _) in enumerate(bodies))
     return path
 
 
@@ -200,8 +197,8 @@ def _markdown(r: dict[str, Any]) -> str:
     sweep = ", ".join(f"c={c}: {v:.1f}" for c, v in r["client_items_per_s"].items())
     rows = [
         f"Bulk benchmark: {r['passages']} passages + {r['pages']} PDF pages ({r['requests']} requests)",
-        f"plain client items/s by concurrency: {sweep}; best c={r['client_best_concurrency']} "
-        f"(bar: median over {len(r['rounds'])} interleaved rounds {r['client_best_items_per_s']:.1f})",
+        (f"plain client items/s by concurrency: {sweep}; best c={r['client_best_concurrency']} "
+         f"(bar: median over {len(r['rounds'])} interleaved rounds {r['client_best_items_per_s']:.1f})"),
         "",
         "| job | items/s (own clock) | ratio to best client | items/s (whole process) | ratio | peak RSS MB |",
         "|---|---|---|---|---|---|",

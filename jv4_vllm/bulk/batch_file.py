@@ -51,8 +51,7 @@ def open_input(path: str, spool_dir: Path | None = None) -> Path:
     twice (duplicates are checked before anything is sent) without holding it in memory."""
     if path != "-":
         return Path(path)
-    spool = tempfile.NamedTemporaryFile(prefix="jv4-batch-", suffix=".jsonl", dir=spool_dir, delete=False)
-    with spool:
+    with tempfile.NamedTemporaryFile(prefix="jv4-batch-", suffix=".jsonl", dir=spool_dir, delete=False) as spool:
         shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
     return Path(spool.name)
 

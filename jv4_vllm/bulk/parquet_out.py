@@ -20,7 +20,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jv4_vllm.bulk.thrift_compact import I16, I64, LIST, STRUCT, Field, Struct, decode_struct, encode_struct
+from jv4_vllm.bulk.thrift_compact import (
+    I16,
+    I64,
+    LIST,
+    STRUCT,
+    Field,
+    Struct,
+    decode_struct,
+    encode_struct,
+)
 
 __all__ = ["ParquetAppender", "repair_parquet"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -79,7 +80,8 @@ async def _run(source: Path, output_path: str, transport: Transport, settings: J
     return progress.close(f"concurrency peak {sender.pacer.peak}, {sender.pacer.overloads} overload answers")
 
 
-def _writer(line: BatchLine, out: JsonlAppender, progress: Progress):  # noqa: ANN202 - a closure
+def _writer(line: BatchLine, out: JsonlAppender, progress: Progress) -> Callable[[Answer | httpx.TransportError], None]:
+    """What to do with one line's outcome: its output line and its count."""
     def write(outcome: Answer | httpx.TransportError) -> None:
         if isinstance(outcome, Answer):
             out.write(answer_line(line.custom_id, outcome.status, outcome.content, outcome.request_id))

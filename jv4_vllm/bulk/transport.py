@@ -46,7 +46,7 @@ class Transport:
         self._engine = engine
 
     @classmethod
-    def router(cls, url: str, *, api_key: str | None = None, timeout_s: float = 600.0) -> "Transport":
+    def router(cls, url: str, *, api_key: str | None = None, timeout_s: float = 600.0) -> Transport:
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -55,7 +55,7 @@ class Transport:
                                      timeout=httpx.Timeout(timeout_s, connect=10.0)))
 
     @classmethod
-    async def in_process(cls, config_path: str | Path, *, timeout_s: float = 600.0) -> "Transport":
+    async def in_process(cls, config_path: str | Path, *, timeout_s: float = 600.0) -> Transport:
         from jv4_vllm.config import load_config
         from jv4_vllm.core.engine import Engine
         from jv4_vllm.router import create_app
