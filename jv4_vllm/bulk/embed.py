@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from jv4_vllm.bulk.corpus import BadRow, CorpusRow, as_base64, read_corpus, source_bytes
 from jv4_vllm.bulk.job import JobSettings, Sender, check_unique
 from jv4_vllm.bulk.jsonl_out import JsonlAppender
-from jv4_vllm.bulk.keys import KeySet, key_hash
+from jv4_vllm.bulk.keys import KeySet, key_hash, line_key
 from jv4_vllm.bulk.progress import Progress, prompt_tokens
 from jv4_vllm.bulk.rows import RowBuffer, decode_answer, schema_for
 from jv4_vllm.bulk.transport import Answer, Transport
@@ -169,7 +171,7 @@ class _Job:
 
 
 def _done_keys(output: Path) -> tuple[KeySet, KeySet]:
-    """(row keys, ids) already in ``output``, after repairing a file cut short by a kill."""
+    """(row keys, ids) already in ``output``, after repairing a file cut short by a kill (8 bytes each)."""
     if not output.exists():
         return KeySet(), KeySet()
     import pyarrow.parquet as pq
@@ -177,13 +179,17 @@ def _done_keys(output: Path) -> tuple[KeySet, KeySet]:
     from jv4_vllm.bulk.parquet_out import repair_parquet
 
     repair_parquet(output)
-    keys: list[int] = []
-    ids: list[int] = []
+    keys, ids = array("Q"), array("Q")
     for batch in pq.ParquetFile(output).iter_batches(columns=["id", "page"], batch_size=65536):
         for row_id, page in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             keys.append(row_key(row_id, page))
             ids.append(key_hash(row_id))
-    return KeySet(keys), KeySet(ids)
+    return KeySet(np.frombuffer(keys, dtype=np.uint64)), KeySet(np.frombuffer(ids, dtype=np.uint64))
+
+
+def _shard_key(row: CorpusRow | BadRow) -> int:
+    """Rows by id; an unreadable row by its line number (so exactly one shard reports it)."""
+    return key_hash(row.id) if isinstance(row, CorpusRow) else key_hash(line_key(row.line))
 
 
 async def _inputs(row: CorpusRow) -> dict[str, Any]:
@@ -232,7 +238,8 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
         raise FileNotFoundError(f"corpus {source} does not exist")
     check_unique(lambda: ((r.id, r.line) for r in read_corpus(source) if isinstance(r, CorpusRow)), "id")
     done, done_ids = _done_keys(output)
-    mine = sum(1 for r in read_corpus(source) if shard.owns(key_hash(r.id if isinstance(r, CorpusRow) else "")))
+    mine = sum(1 for r in read_corpus(source) if shard.owns(_shard_key(r)))
+    Path(f"{output}.errors.jsonl").unlink(missing_ok=True)  # this run's refusals (all of them are retried)
     progress = Progress(total=mine, unit="row", quiet=settings.quiet)
     job = _Job(output, transport, settings, options, progress)
     texts: list[CorpusRow] = []
@@ -245,11 +252,11 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
 
     try:
         for row in read_corpus(source):
+            if not shard.owns(_shard_key(row)):
+                continue
             if isinstance(row, BadRow):
                 progress.add("invalid row")
                 log.warning("%s", row.message)
-                continue
-            if not shard.owns(key_hash(row.id)):
                 continue
             if row.kind == "pdf":
                 await _submit_pdf(job, row, done, done_ids, options)

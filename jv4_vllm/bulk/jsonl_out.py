@@ -8,62 +8,63 @@ that does not parse, or repeats an earlier key), so a rerun continues from what 
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+
+from jv4_vllm.bulk.keys import key_hash
 
 __all__ = ["JsonlAppender", "repair_jsonl"]
 
-CHUNK = 1 << 20
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(offset, line with its newline) of every line; the last may lack the newline."""
     offset = 0
-    rest = b""
     with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            rest += chunk
-            start = 0
-            while (end := rest.find(b"\n", start)) >= 0:
-                yield offset, rest[start:end + 1]
-                offset += end + 1 - start
-                start = end + 1
-            rest = rest[start:]
-    if rest:
-        yield offset, rest
+        for line in fh:
+            yield offset, line
+            offset += len(line)
 
 
-def repair_jsonl(path: Path, key_of: Callable[[Any], str | None]) -> list[str]:
-    """Keys of the complete lines in ``path``, after dropping cut, unreadable or repeated lines."""
+def repair_jsonl(path: Path, key_of: Callable[[Any], str | None]) -> np.ndarray:
+    """Key hashes of the complete lines in ``path``, after dropping cut, unreadable or repeated lines.
+
+    Only 16 bytes per line are kept (hash and offset), whatever the lines hold.
+    """
     if not path.exists():
-        return []
-    keys: list[str] = []
-    seen: set[str] = set()
+        return np.zeros(0, dtype=np.uint64)
+    hashes, offsets = array("Q"), array("q")
     bad: list[int] = []
-    size = 0
     for offset, line in _lines(path):
-        size = offset + len(line)
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("cut")
             key = key_of(orjson.loads(line))
         except (ValueError, TypeError, KeyError):
             key = None
-        if key is None or key in seen:
+        if key is None:
             bad.append(offset)
-            continue
-        seen.add(key)
-        keys.append(key)
-    if bad == [] or size == 0:
-        return keys
+        else:
+            hashes.append(key_hash(key))
+            offsets.append(offset)
+    values = np.frombuffer(hashes, dtype=np.uint64) if hashes else np.zeros(0, dtype=np.uint64)
+    order = np.argsort(values, kind="stable")
+    repeats = order[1:][values[order][1:] == values[order][:-1]]  # every occurrence after the first
+    if len(repeats):
+        bad += [offsets[i] for i in repeats]
+        values = np.delete(values, repeats)
+    if not bad:
+        return values
     if len(bad) == 1 and _last_line_at(path, bad[0]):
         os.truncate(path, bad[0])
-        return keys
-    _rewrite_without(path, set(bad))
-    return keys
+    else:
+        _rewrite_without(path, set(bad))
+    return values
 
 
 def _last_line_at(path: Path, offset: int) -> bool:

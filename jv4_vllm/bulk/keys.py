@@ -27,8 +27,9 @@ def line_key(line_number: int) -> str:
 class KeySet:
     """A sorted array of key hashes; ``in`` is a binary search."""
 
-    def __init__(self, hashes: Iterable[int] = ()) -> None:
-        self._sorted = np.unique(np.fromiter(hashes, dtype=np.uint64))
+    def __init__(self, hashes: Iterable[int] | np.ndarray = ()) -> None:
+        values = hashes if isinstance(hashes, np.ndarray) else np.fromiter(hashes, dtype=np.uint64)
+        self._sorted = np.unique(values.astype(np.uint64, copy=False))
 
     def __contains__(self, value: int) -> bool:
         i = int(np.searchsorted(self._sorted, np.uint64(value)))

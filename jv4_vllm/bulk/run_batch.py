@@ -50,8 +50,7 @@ async def _run(source: Path, output_path: str, transport: Transport, settings: J
     check_unique(lambda: ((line.custom_id, line.number) for line in read_lines(source)
                           if isinstance(line, BatchLine)), "custom_id")
     shard = settings.shard
-    done = KeySet(key_hash(k) for k in repair_jsonl(Path(output_path), output_key)) if output_path != "-" \
-        else KeySet()
+    done = KeySet(repair_jsonl(Path(output_path), output_key)) if output_path != "-" else KeySet()
     mine = skipped = 0
     for line in read_lines(source):
         h = key_hash(_key(line))
