@@ -93,8 +93,9 @@ class _Job:
         return orjson.dumps(body)
 
     async def submit(self, request: _Request) -> None:
-        await self.sender.submit(EMBEDDINGS, self.body(request.inputs), max(len(request.rows),
-                                 len(request.pdf_pages)), lambda answer: self.answered(request, answer))
+        await self.sender.submit(EMBEDDINGS, lambda: self.body(request.inputs),
+                                 max(len(request.rows), len(request.pdf_pages)),
+                                 lambda answer: self.answered(request, answer))
 
     async def answered(self, request: _Request, outcome: Any) -> None:
         if isinstance(outcome, Answer) and outcome.status == 200:

@@ -55,18 +55,23 @@ class Sender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
 
-    async def submit(self, path: str, body: bytes, items: int,
+    async def submit(self, path: str, body: bytes | Callable[[], bytes], items: int,
                      on_answer: Callable[[Answer | httpx.TransportError], Awaitable[None] | None]) -> None:
-        """Queue one request; ``on_answer`` gets its answer (or the final connection failure)."""
+        """Queue one request; ``on_answer`` gets its answer (or the final connection failure).
+
+        ``body`` may be a function that builds it, called when the request is sent: queued
+        requests then hold no body (page batches of one PDF share its bytes until sent).
+        """
         if self._failure is not None:
             raise self._failure
         await self._room.acquire()
 
         async def run() -> None:
             try:
+                payload = body() if callable(body) else body
                 try:
                     outcome: Answer | httpx.TransportError = await send(
-                        self.transport, self.pacer, path, body, items=items, retry=self.retry)
+                        self.transport, self.pacer, path, payload, items=items, retry=self.retry)
                 except httpx.TransportError as exc:
                     outcome = exc
                 result = on_answer(outcome)

@@ -62,7 +62,9 @@ class Transport:
 
         config = load_config(config_path)
         engine = await Engine.start(config)
-        app = create_app(config, engine)
+        # The app is reachable only from this process: no API keys to check.
+        open_router = config.router.model_copy(update={"api_keys_env": "", "api_keys_file": None})
+        app = create_app(config.model_copy(update={"router": open_router}), engine)
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=IN_PROCESS_BASE,
                                  headers={"content-type": "application/json"}, timeout=timeout_s)
         return cls(http, engine)
