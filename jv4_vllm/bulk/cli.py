@@ -27,6 +27,13 @@ def add(p: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
     p.add_argument(*flags, **kwargs)
 
 
+def switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off flag; its twin turns it on with 1, true or yes."""
+    env = "JV4_" + flag.lstrip("-").upper().replace("-", "_")
+    on = os.environ.get(env, "").strip().lower() in {"1", "true", "yes"}
+    p.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}]")
+
+
 def add_job_flags(p: argparse.ArgumentParser) -> None:
     """The flags both commands share."""
     add(p, "--input", "-i", required=True, help="input file (`-` reads stdin)")
@@ -42,12 +49,12 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     add(p, "--give-up-after", type=float, default=None,
         help="seconds a request is retried through overload and outages (default: until it succeeds)")
     add(p, "--timeout", type=float, default=600.0, help="seconds one request may take")
-    p.add_argument("--quiet", action="store_true", help="no progress bar; one summary line at the end")
+    switch(p, "--quiet", "no progress bar; one summary line at the end")
 
 
 def add_embed_flags(p: argparse.ArgumentParser) -> None:
     add(p, "--task", required=True, help="retrieval.query, retrieval.passage, text-matching, code.query, ...")
-    p.add_argument("--multivector", action="store_true", help="one 128-d row per token (plus the dense vector)")
+    switch(p, "--multivector", "one 128-d row per token (plus the dense vector)")
     add(p, "--dimensions", type=int, default=None, help="Matryoshka size of the dense vectors")
     add(p, "--batch-size", type=int, default=32, help="texts per request")
     add(p, "--image-batch-size", type=int, default=8, help="images (and PDF pages) per request")
@@ -58,8 +65,8 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> JobSettings:
-    if bool(args.url) == bool(args.config):
-        raise ValueError("give the router's --url, or --config to run on the in-process engine (one of them)")
+    if not args.url and not args.config:
+        raise ValueError("give the router's --url, or --config to run on the in-process engine")
     if args.max_concurrency < 1 or args.initial_concurrency < 1:
         raise ValueError("--max-concurrency and --initial-concurrency must be at least 1")
     pacing = PacingSettings(initial=min(args.initial_concurrency, args.max_concurrency),
@@ -69,7 +76,7 @@ def _settings(args: argparse.Namespace) -> JobSettings:
 
 
 async def _transport(args: argparse.Namespace) -> Transport:
-    if args.url:
+    if args.url:  # a URL given with a config (from JV4_CONFIG, say) wins: it is the more specific
         return Transport.router(args.url, api_key=args.api_key, timeout_s=args.timeout)
     return await Transport.in_process(args.config, timeout_s=args.timeout)
 
