@@ -144,3 +144,13 @@ async def test_pacer_never_exceeds_its_limit():
 
     await asyncio.gather(*(one() for _ in range(30)))
     assert peak == 3 and pacer.in_flight == 0
+
+
+async def test_pacer_settles_past_the_knee_of_a_batching_service():
+    """A service that batches up to 8 requests at the same latency, then queues: the pacer reaches the
+    knee (all the throughput there is) and does not run on to its maximum."""
+    pacer = Pacer(PacingSettings(initial=1, maximum=64))
+    for _ in range(400):
+        await pacer.acquire()
+        await pacer.done(0.01 * max(1.0, int(pacer.limit) / 8), 1)
+    assert 8 <= pacer.limit <= 24

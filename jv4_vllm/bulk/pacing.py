@@ -1,8 +1,10 @@
 """How many requests a job keeps in flight, adapted to what the service says.
 
 The limit grows while latency holds (each window of answers is compared with the best
-latency seen, per item, so mixed request sizes compare fairly) and shrinks when latency
-climbs, i.e. when requests only queue. A 429 or 503 halves it and pauses every sender
+latency seen, per item, so mixed request sizes compare fairly), and also while the
+throughput it implies (limit / latency per item, Little's law) still rises by more than
+5%: a batching server can gain from more requests even as each one waits longer. It
+shrinks when latency climbs and throughput does not, i.e. when requests only queue. A 429 or 503 halves it and pauses every sender
 until ``Retry-After`` (or an exponential backoff); a connection failure backs off the
 same way. Nothing here fails a line: the caller retries until the service answers.
 """
@@ -40,6 +42,7 @@ class Pacer:
         self._best: float | None = None
         self._window: list[float] = []
         self._last_cut = 0.0
+        self._last_rate: float | None = None
         self.overloads = 0
         self.failures = 0
 
@@ -82,7 +85,10 @@ class Pacer:
             self._best = latency
         else:
             self._best *= 1.02  # let an old best fade, so a slower service is not chased forever
-        if latency <= self._best * s.tolerance:
+        rate = int(self.limit) / latency if latency > 0 else float("inf")
+        gaining = self._last_rate is not None and rate > self._last_rate * 1.05
+        self._last_rate = rate
+        if latency <= self._best * s.tolerance or gaining:
             self.limit = min(float(s.maximum), self.limit + max(1.0, self.limit / 4))
         elif latency > self._best * s.tolerance * 1.5:
             self.limit = max(float(s.minimum), self.limit * 0.8)
@@ -116,6 +122,7 @@ class Pacer:
             if cut and now >= self._last_cut:
                 self.limit = max(float(self.settings.minimum), self.limit / 2)
                 self._window.clear()
+                self._last_rate = None
                 self._last_cut = now + delay  # one cut per pause, not one per answer of a storm
             self._not_before = max(self._not_before, now + min(delay, self.settings.max_backoff_s))
             self._changed.notify_all()
