@@ -1,8 +1,7 @@
 """``jv4-vllm``: every subcommand; each flag has an environment twin.
 
-A twin is ``JV4_<COMMAND>_<FLAG>`` (``JV4_PREPARE_OUT`` for ``prepare --out``), unique per
-subcommand. Two are shared on purpose: ``JV4_CONFIG`` (``--config``: every command that reads
-the service config reads the same file) and ``JV4_LOG_LEVEL`` (a flag of ``jv4-vllm`` itself).
+Twins are named and read by :mod:`jv4_vllm.cli_twins` (``JV4_PREPARE_OUT`` for
+``prepare --out``; ``JV4_CONFIG``, ``JV4_LOG_LEVEL`` and ``JV4_API_KEY`` shared on purpose).
 Config keys have their own twins, ``JV4__SECTION__KEY`` (two underscores; see
 :mod:`jv4_vllm.config`). A twin holding a bad value is a one-line error, as a bad flag is.
 """
@@ -11,51 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from jv4_vllm.cli_twins import SHARED_TWINS, add_flag, twin_name
 
 __all__ = ["SHARED_TWINS", "main", "twin_name"]
-
-SHARED_TWINS = {"--config": "JV4_CONFIG", "--log-level": "JV4_LOG_LEVEL"}
-
-
-def twin_name(command: str, flag: str) -> str:
-    """The environment twin of ``flag`` of ``command`` ("" for the top-level parser)."""
-    if flag in SHARED_TWINS:
-        return SHARED_TWINS[flag]
-    return "_".join(["JV4", *(p.upper().replace("-", "_") for p in (command, flag.lstrip("-")) if p)])
-
-
-def _add(parser: argparse.ArgumentParser, command: str, flag: str, **kwargs: Any) -> None:
-    """A flag whose default comes from its environment twin, checked as the flag would be
-    (a bad twin is reported when its command runs, not when another one does)."""
-    twin = twin_name(command, flag)
-    raw = os.environ.get(twin)
-    if raw is not None:
-        problem, value = _twin_value(raw, kwargs)
-        if problem:
-            parser.set_defaults(bad_twin=f"{twin}={raw!r}: {problem} (the environment twin of "
-                                         f"{' '.join(filter(None, ['jv4-vllm', command, flag]))})")
-        else:
-            kwargs["default"], kwargs["required"] = value, False
-    kwargs["help"] = f"{kwargs.get('help', '')} [env {twin}]".strip()
-    parser.add_argument(flag, **kwargs)
-
-
-def _twin_value(raw: str, kwargs: dict[str, Any]) -> tuple[str | None, Any]:
-    """(what is wrong or None, the value) of a twin, by the flag's type, nargs and choices."""
-    convert = kwargs.get("type", str)
-    try:
-        value = [convert(v) for v in raw.replace(",", " ").split()] if kwargs.get("nargs") == "*" else convert(raw)
-    except (TypeError, ValueError):
-        return f"not a valid {getattr(convert, '__name__', 'value')}", None
-    choices = kwargs.get("choices")
-    if choices is not None and value not in choices:
-        return f"use one of {', '.join(map(str, choices))}", None
-    return None, value
+_add = add_flag
 
 
 def _names(values: list[str] | str | None) -> list[str] | None:
@@ -89,7 +51,8 @@ def cmd_vllm_command(args: argparse.Namespace) -> int:
 
     from jv4_vllm.deploy.vllm_args import vllm_serve_command
     config = _config(args)
-    env = [f"{key}={value}" for key, value in config.deployments[args.task].env.items()] if args.task in config.deployments else []
+    deployment = config.deployments.get(args.task)
+    env = [f"{key}={value}" for key, value in deployment.env.items()] if deployment else []
     print(shlex.join(env + vllm_serve_command(config, args.task, model_root=args.model_root)))
     return 0
 
@@ -120,7 +83,21 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from jv4_vllm.deploy.k8s import write_manifests
     for path in write_manifests(_config(args), Path(args.out), variant=args.variant):
         print(path)
+    if args.bulk_workers:
+        from jv4_vllm.deploy.k8s_bulk import write_bulk_job
+        print(write_bulk_job(_config(args), Path(args.out), workers=args.bulk_workers, command=args.bulk_command,
+                             input_path=args.bulk_input, task=args.bulk_task))
     return 0
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.cli import run_batch_command
+    return run_batch_command(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from jv4_vllm.bulk.cli import embed_command
+    return embed_command(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -172,6 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     p = command("k8s", cmd_k8s, "Render the Kubernetes manifests.")
     _add(p, "k8s", "--out", required=True, help="output directory")
     _add(p, "k8s", "--variant", default="gpu", choices=["cpu-demo", "gpu"], help="gpu or cpu-demo")
+    _add(p, "k8s", "--bulk-workers", type=int, default=0, help="also write bulk-job.yaml: an Indexed Job of N workers")
+    _add(p, "k8s", "--bulk-command", default="embed", choices=["embed", "run-batch"], help="what the bulk Job runs")
+    _add(p, "k8s", "--bulk-input", default="/data/in/corpus.jsonl", help="input path on the bulk Job's data volume")
+    _add(p, "k8s", "--bulk-task", default="retrieval.passage", help="task of a bulk embed Job")
+
+    from jv4_vllm.bulk.cli import add_embed_flags, add_job_flags
+    p = command("run-batch", cmd_run_batch, "Run an OpenAI batch file (JSONL) through the service; resumable.", False)
+    add_job_flags(p, "run-batch")
+    p = command("embed", cmd_embed, "Embed a corpus (JSONL, Parquet or a directory) into Parquet; resumable.", False)
+    add_job_flags(p, "embed")
+    add_embed_flags(p, "embed")
 
     p = command("bench", cmd_bench, "Benchmark the paths side by side (see `jv4-vllm bench -- --help`).", False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")

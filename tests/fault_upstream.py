@@ -27,18 +27,19 @@ class FaultUpstream:
         self.calls += 1
         return await self.pooling(request)
 
+    def routes(self) -> list[web.RouteDef]:
+        """More routes, for subclasses that stand in for something other than a replica."""
+        return []
+
     @staticmethod
     async def _health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
-
-    def add_routes(self, app: web.Application) -> None:
-        """More routes of a subclass."""
 
     async def __aenter__(self) -> "FaultUpstream":
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_get("/health", self._health)
         app.router.add_post("/pooling", self._pooling)
-        self.add_routes(app)
+        app.add_routes(self.routes())
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -58,8 +59,8 @@ class RouterProxy(FaultUpstream):
         self.target, self.fail, self.status, self.retry_after = target.rstrip("/"), fail, status, retry_after
         self.bodies: list[bytes] = []
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/embeddings", self._embeddings)
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/embeddings", self._embeddings)]
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         import aiohttp

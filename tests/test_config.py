@@ -98,11 +98,13 @@ def test_every_config_field_has_a_description() -> None:
 def _cli_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], argparse.Action]:
     """Every flag of ``jv4-vllm`` and of its commands (``bench`` parses its own: a development tool)."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    flags = {("", a.option_strings[-1]): a for a in parser._actions if a.option_strings and a.dest != "help"}
+    def long(action: argparse.Action) -> str:
+        return next(o for o in action.option_strings if o.startswith("--"))
+
+    flags = {("", long(a)): a for a in parser._actions if a.option_strings and a.dest != "help"}
     for name, command in commands.items():
         if name != "bench":
-            flags |= {(name, a.option_strings[-1]): a for a in command._actions
-                      if a.option_strings and a.dest != "help"}
+            flags |= {(name, long(a)): a for a in command._actions if a.option_strings and a.dest != "help"}
     return flags
 
 
@@ -114,14 +116,18 @@ def test_every_cli_flag_has_a_twin_of_its_own_or_a_shared_one(monkeypatch: pytes
         twin = cli.twin_name(command, flag)
         owners[twin] = owners.get(twin, 0) + 1
         assert f"[env {twin}]" in action.help, (command, flag)
-        value = str(action.choices[0]) if action.choices else "3" if action.type in (int, float) else "from-env"
+        switch = isinstance(action, argparse._StoreTrueAction)
+        value = ("yes" if switch else str(action.choices[0]) if action.choices
+                 else "3" if action.type in (int, float) else "from-env")
         monkeypatch.setenv(twin, value)
         again = _cli_flags(cli._parser())[(command, flag)]
         monkeypatch.delenv(twin)
-        want = [value] if action.nargs == "*" else (action.type or str)(value)
+        want = True if switch else [value] if action.nargs == "*" else (action.type or str)(value)
         assert again.default == want and not again.required, (command, flag, twin)
     shared = {twin for twin, count in owners.items() if count > 1}
-    assert shared == {"JV4_CONFIG"} and set(cli.SHARED_TWINS.values()) == {"JV4_CONFIG", "JV4_LOG_LEVEL"}
+    assert shared == {"JV4_CONFIG", "JV4_API_KEY"}
+    assert set(cli.SHARED_TWINS.values()) == {"JV4_CONFIG", "JV4_LOG_LEVEL", "JV4_API_KEY"}
+    assert cli.twin_name("embed", "--shard") == "JV4_EMBED_SHARD" != cli.twin_name("run-batch", "--shard")
     assert cli.twin_name("prepare", "--out") == "JV4_PREPARE_OUT" != cli.twin_name("k8s", "--out")
     assert cli.twin_name("demo-checkpoint", "--hidden-size") == "JV4_DEMO_CHECKPOINT_HIDDEN_SIZE"
 

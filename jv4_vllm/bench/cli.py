@@ -88,10 +88,14 @@ def main(argv: list[str]) -> int:
     """Run the benchmark; print the summary; 0 when every cell ran without errors.
 
     ``long-inputs`` as the first argument runs the long-input workload instead
-    (:mod:`jv4_vllm.bench.long_inputs`), ``fleet`` the fleet workload (:mod:`jv4_vllm.bench.fleet`)."""
+    (:mod:`jv4_vllm.bench.long_inputs`), ``fleet`` the fleet workload (:mod:`jv4_vllm.bench.fleet`), ``bulk`` the bulk
+    jobs' (:mod:`jv4_vllm.bench.bulk`)."""
     if argv and argv[0] == "long-inputs":
         from jv4_vllm.bench.long_inputs import long_main
         return long_main(argv[1:])
+    if argv and argv[0] == "bulk":
+        from jv4_vllm.bench.bulk import bulk_main
+        return bulk_main(argv[1:])
     if argv and argv[0] == "fleet":
         from jv4_vllm.bench.fleet import fleet_main
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # its routers are stopped on the way out

@@ -13,6 +13,7 @@ A PDF document is scored page by page and ranks as its best page, which the resu
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,6 +105,7 @@ class RerankUsage(BaseModel):
 
 
 class RerankResponse(BaseModel):
+    id: str = Field(description="Identifies this answer (as Jina's, Cohere's and vLLM's rerank answers do).")
     model: str
     usage: RerankUsage
     results: list[RerankResult] = Field(description="Best first; top_n of them when top_n is given.")
@@ -141,7 +143,7 @@ def _render(body: RerankRequest, model: str, scores: DocumentScores) -> bytes:
             result["document"] = _echo(body.documents[index])
         results.append(result)
     usage = {"prompt_tokens": scores.prompt_tokens, "total_tokens": scores.prompt_tokens}
-    return orjson.dumps({"model": model, "usage": usage, "results": results})
+    return orjson.dumps({"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": usage, "results": results})
 
 
 async def rerank(body: RerankRequest, engine: Engine, limits: LimitsConfig, gate: asyncio.Semaphore,

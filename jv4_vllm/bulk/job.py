@@ -1,0 +1,94 @@
+"""What run-batch and embed share: settings, the duplicate check and the send loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+
+from jv4_vllm.bulk.keys import KeySet, key_hash
+from jv4_vllm.bulk.pacing import Pacer, PacingSettings
+from jv4_vllm.bulk.shard import Shard
+from jv4_vllm.bulk.transport import Answer, RetrySettings, Transport, send
+
+__all__ = ["JobSettings", "Sender", "check_unique"]
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    shard: Shard = field(default_factory=Shard)
+    pacing: PacingSettings = field(default_factory=PacingSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    quiet: bool = False
+
+
+def check_unique(keys: Callable[[], Iterable[tuple[str, int]]], what: str) -> None:
+    """Refuse (ValueError, before anything is sent) an input whose ids repeat.
+
+    ``keys`` yields (id, line) and is called once for the hashes and, only when some hash
+    repeats, once more to name the ids exactly (a hash collision alone is no duplicate).
+    """
+    repeated = KeySet.repeated(key_hash(key) for key, _ in keys())
+    if not repeated:
+        return
+    lines: dict[str, list[int]] = {}
+    for key, line in keys():
+        if key_hash(key) in repeated:
+            lines.setdefault(key, []).append(line)
+    dupes = {key: where for key, where in lines.items() if len(where) > 1}
+    if not dupes:
+        return
+    shown = "; ".join(f"{key!r} on lines {', '.join(map(str, where[:5]))}" for key, where in list(dupes.items())[:5])
+    raise ValueError(f"{len(dupes)} duplicate {what} value(s), nothing was sent: {shown}")
+
+
+class Sender:
+    """Sends requests with adaptive concurrency; at most ``queue`` requests wait in memory."""
+
+    def __init__(self, transport: Transport, settings: JobSettings) -> None:
+        self.transport = transport
+        self.pacer = Pacer(settings.pacing)
+        self.retry = settings.retry
+        self._room = asyncio.Semaphore(settings.pacing.maximum * 2)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+
+    async def submit(self, path: str, body: bytes | Callable[[], bytes], items: int,
+                     on_answer: Callable[[Answer | httpx.TransportError], Awaitable[None] | None]) -> None:
+        """Queue one request; ``on_answer`` gets its answer (or the final connection failure).
+
+        ``body`` may be a function that builds it, called when the request is sent: queued
+        requests then hold no body (page batches of one PDF share its bytes until sent).
+        """
+        if self._failure is not None:
+            raise self._failure
+        await self._room.acquire()
+
+        async def run() -> None:
+            try:
+                payload = body() if callable(body) else body
+                try:
+                    outcome: Answer | httpx.TransportError = await send(
+                        self.transport, self.pacer, path, payload, items=items, retry=self.retry)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                result = on_answer(outcome)
+                if result is not None:
+                    await result
+            except BaseException as exc:  # noqa: BLE001 - re-raised from submit/drain
+                self._failure = self._failure or exc
+            finally:
+                self._room.release()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for every queued request; re-raise the first failure of a callback."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        if self._failure is not None:
+            raise self._failure
