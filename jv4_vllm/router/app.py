@@ -30,15 +30,17 @@ from jv4_vllm.router.protocol import (
     EmbeddingsResponse,
     ModelCard,
     ModelList,
+    RerankRequest,
+    RerankResponse,
     error_responses,
 )
-from jv4_vllm.router.rerank import routes as rerank_routes
 from jv4_vllm.router.serving import (
     decode_gate,
     embed_items,
     off_loop_if_large,
     render_embeddings,
     request_items,
+    rerank,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["create_app", "run"]
 
 ERROR_RESPONSES = error_responses()
+RERANK_RESPONSES = error_responses(
+    s400="Invalid request: the message and param name the field, query or documents[i]",
+    s413="Too many documents or PDF pages, or a document over the size limits")
 
 routes = APIRouter()
 
@@ -72,6 +77,29 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
                                    embedding_type=body.output_type(), multivector=options.multivector,
                                    pages=items.pages)
         return await off_loop_if_large(render, result)
+
+    finished, content = await until_disconnect(request, work())
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(content, media_type="application/json")
+
+
+@routes.post("/v1/rerank", response_model=RerankResponse, responses=RERANK_RESPONSES,
+             summary="Rerank documents (texts, images, PDF pages) against a query")
+@routes.post("/rerank", response_model=RerankResponse, responses=RERANK_RESPONSES, include_in_schema=False)
+async def create_rerank(body: RerankRequest, request: Request) -> Response:
+    """jina-embeddings-v4's own scores of every document against the query, best first: MaxSim
+    (default) over the task's multi-vectors, or cosine of single vectors (``scoring: dense``).
+    A PDF ranks as its best page; the query gets the query role, documents the passage role."""
+    state = request.app.state
+
+    async def work() -> bytes:
+        def on_task(task: str) -> None:
+            request.state.task = task
+
+        content, items, tokens = await rerank(body, state.engine, state.config.limits, state.decode_gate, on_task)
+        state.metrics.observe_embed(request.state.task, items, tokens)
+        return content
 
     finished, content = await until_disconnect(request, work())
     if not finished:
@@ -143,7 +171,6 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.decode_gate = decode_gate()
     install_error_handler(app)
     app.include_router(routes)
-    app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)

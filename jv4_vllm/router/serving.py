@@ -1,5 +1,9 @@
 """The work behind the routes: read a request's inputs, run the engine, render the response.
 
+``/v1/embeddings``: :func:`request_items`, :func:`embed_items`, :func:`render_embeddings`.
+``/v1/rerank``: :func:`rerank` (the query and documents read, embedded once each, scored by
+:func:`jv4_vllm.core.scoring.score_documents`, rendered best first).
+
 :mod:`jv4_vllm.router.protocol` only declares and checks shapes; everything that does I/O
 or bulk work lives here. Rendering hands numpy arrays to orjson (no per-float Python) and
 runs in a worker thread, like every other bulk step, so the event loop stays free.
@@ -16,16 +20,17 @@ import orjson
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import load_image
-from jv4_vllm.core.pdf import PdfPlan, check_page_budget, load_pdf, render_pdf
-from jv4_vllm.core.scoring import rename_inputs
+from jv4_vllm.core.pdf import PdfPlan, RenderedPdf, check_page_budget, load_pdf, render_pdf
+from jv4_vllm.core.scoring import DocumentScores, ranking, rename_inputs, score_documents
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
-from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.protocol import (
     BytesObject,
     EmbeddingsRequest,
     ImageObject,
     PdfObject,
+    RerankRequest,
     TextObject,
     UrlObject,
 )
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
 __all__ = ["RequestItems", "decode_gate", "embed_items", "off_loop_if_large", "read_items", "render_embeddings",
-           "request_items"]
+           "request_items", "rerank"]
 
 IMAGE_DECODE_CONCURRENCY = 4  # image decodes at once in the whole router (they share the CPU with pooling)
 
@@ -226,3 +231,71 @@ def _both_item(index: int, pair: tuple[np.ndarray, np.ndarray], embedding_type: 
     matrix, vector = pair
     return {**_multivector_item(index, matrix, embedding_type),
             "embedding": _vector_item(index, vector, embedding_type)["embedding"]}
+
+
+# --- /v1/rerank -------------------------------------------------------------------------
+
+
+def _documents(items: RequestItems, count: int) -> list[Item | RenderedPdf]:
+    """Flat items back into documents: a PDF's page images regrouped as one document."""
+    documents: list[Item | RenderedPdf] = []
+    position = 0
+    for index in range(count):
+        pages = items.pages.get(index)
+        if pages is None:
+            documents.append(items[position])
+            position += 1
+        else:
+            documents.append(RenderedPdf(pages=tuple(pages), images=tuple(items[position:position + len(pages)])))
+            position += len(pages)
+    return documents
+
+
+async def _read_named(raw: list[Any], limits: LimitsConfig, gate: asyncio.Semaphore, field: str,
+                      single: bool = False) -> RequestItems:
+    try:
+        return await read_items(raw, limits, gate)
+    except Jv4Error as error:
+        raise rename_inputs(error, lambda i: field if single else f"{field}[{i}]") from None
+
+
+def _echo(document: Any) -> dict[str, Any]:
+    return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
+
+
+def _render_ranking(body: RerankRequest, model: str, scores: DocumentScores) -> bytes:
+    results = []
+    for index in ranking(scores.scores, body.top_n):
+        result: dict[str, Any] = {"index": index, "relevance_score": float(scores.scores[index])}
+        if scores.pages[index] is not None:
+            result["page"] = scores.pages[index]
+        if body.return_documents:
+            result["document"] = _echo(body.documents[index])
+        results.append(result)
+    usage = {"prompt_tokens": scores.prompt_tokens, "total_tokens": scores.prompt_tokens}
+    return orjson.dumps({"model": model, "usage": usage, "results": results})
+
+
+async def rerank(body: RerankRequest, engine: Engine, limits: LimitsConfig, gate: asyncio.Semaphore,
+                 on_task: Callable[[str], None] | None = None) -> tuple[bytes, list[Item], int]:
+    """Check, read, embed once per input, score and render: the JSON body of the answer, with
+    the items embedded and the prompt tokens used (for the metrics). ``on_task`` hears the task
+    as soon as it is known."""
+    task = body.resolve_task(engine.model_name, engine.tasks)
+    if on_task is not None:
+        on_task(task)
+    if not body.documents:
+        raise InvalidRequestError("documents is empty; send at least one document", param="documents")
+    if len(body.documents) > limits.max_rerank_documents:
+        raise PayloadTooLargeError(
+            f"documents has {len(body.documents)} items; the limit is {limits.max_rerank_documents} per request",
+            param="documents", code="too_many_documents")
+    if isinstance(body.query, PdfObject):
+        raise InvalidRequestError("the query must be a text or an image, not a PDF", param="query")
+    query = await _read_named([body.query], limits, gate, "query", single=True)
+    items = await _read_named(list(body.documents), limits, gate, "documents")
+    documents = _documents(items, len(body.documents))
+    scores = await score_documents(engine, query[0], documents, task=task, scoring=body.scoring,
+                                   truncate=body.truncate)
+    content = await asyncio.to_thread(_render_ranking, body, body.model or engine.model_name, scores)
+    return content, [query[0], *items], scores.prompt_tokens
