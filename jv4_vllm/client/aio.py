@@ -37,6 +37,7 @@ from jv4_vllm.core.types import (
     EmbedResult,
     ImageInput,
     Item,
+    OutputKind,
     TextInput,
     parse_task,
 )
@@ -61,12 +62,12 @@ UNLIMITED_PAGES = 1 << 30  # the client splits a PDF into requests; each request
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
              truncate: bool, *, return_dense: bool = False, late_chunking: bool = False) -> EmbedOptions:
     name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", KNOWN_TASKS)
-    both = return_multivector and return_dense
-    if return_multivector and truncate_dim is not None and not both:
+    if return_multivector and truncate_dim is not None and not return_dense:
         raise InvalidRequestError("truncate_dim cannot be combined with return_multivector (unless return_dense: "
                                   "then it applies to the single vectors)", param="truncate_dim")
-    return EmbedOptions(task=name, role=role, dimensions=truncate_dim, multivector=return_multivector,
-                        truncate=truncate, late_chunking=late_chunking, dense_and_multivector=both)
+    return EmbedOptions(task=name, role=role, dimensions=truncate_dim,
+                        output=OutputKind.of(return_multivector, return_dense), truncate=truncate,
+                        late_chunking=late_chunking)
 
 
 class AsyncClient:
@@ -160,7 +161,7 @@ class AsyncClient:
 
         results = await self._send_chunks(chunks, send, show_progress, unit="page", desc="Encoding PDF")
         flat = [vector for result in results for vector in result.embeddings]
-        return flat if options.multivector else np.stack(flat)
+        return flat if options.output is OutputKind.MULTI else np.stack(flat)
 
     async def rerank(self, query: Any, documents: Sequence[Any], *, top_n: int | None = None,
                      return_documents: bool = False, task: str = "retrieval", scoring: Scoring = "maxsim",
@@ -240,9 +241,9 @@ class AsyncClient:
 
         results = await self._send_chunks(chunks, send, show_progress, unit="item", desc="Encoding")
         flat = [vector for result in results for vector in result.embeddings]
-        if options.dense_and_multivector:
+        if options.output is OutputKind.BOTH:
             return DenseAndMulti(np.stack(flat), [m for result in results for m in result.multivectors or []])
-        return flat if options.multivector else np.stack(flat)
+        return flat if options.output is OutputKind.MULTI else np.stack(flat)
 
     async def _send_chunks(self, chunks: Sequence[Sequence[Any]], send: Callable[[Any], Awaitable[EmbedResult]],
                            show_progress: bool | None, *, unit: str, desc: str) -> list[EmbedResult]:

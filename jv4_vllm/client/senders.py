@@ -23,7 +23,7 @@ from jv4_vllm.core.scoring import (
     rename_inputs,
     score_documents,
 )
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, TextInput
 from jv4_vllm.core.wire import decode_embedding_item
 from jv4_vllm.errors import (
     BackendError,
@@ -65,14 +65,14 @@ class RouterSender:
             "input": [_item_payload(item) for item in items],
             "task": f"{options.task}.{options.role}" if options.task != "text-matching" else options.task,
             "embedding_type": "base64",
-            "return_multivector": options.multivector,
+            "return_multivector": options.output.multi,
             "truncate": options.truncate,
         }
         if options.dimensions is not None:
             body["dimensions"] = options.dimensions
         if options.late_chunking:
             body["late_chunking"] = True
-        if options.dense_and_multivector:
+        if options.output is OutputKind.BOTH:
             body["return_dense"] = True
         return orjson.dumps(body)
 

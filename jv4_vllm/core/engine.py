@@ -24,7 +24,7 @@ from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.replicas import BackendRejection, ReplicaPool, ReplicaStats
 from jv4_vllm.core.spec import TaskSpec, load_task_spec
 from jv4_vllm.core.stream import BodyFolder, RowSink, parse_metadata
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind
 from jv4_vllm.core.wire import pooling_wire_fields
 from jv4_vllm.errors import BackendError, InvalidRequestError, PayloadTooLargeError
 
@@ -200,15 +200,15 @@ class Engine:
             if output.multi:
                 for index, matrix in zip(output.inputs, fold.multi_vectors()):
                     multis[index] = _finite(matrix, index)
-        if options.dense_and_multivector:
+        if options.output is OutputKind.BOTH:
             return EmbedResult(embeddings=singles, multivectors=multis, prompt_tokens=used)  # type: ignore[arg-type]
-        chosen = multis if options.multivector else singles
+        chosen = multis if options.output is OutputKind.MULTI else singles
         return EmbedResult(embeddings=chosen, prompt_tokens=used)  # type: ignore[arg-type]
 
     def pool(self, task: str, rows: np.ndarray, *, is_image: bool, options: EmbedOptions) -> np.ndarray:
         """One input's hidden states -> its embedding, as :meth:`embed` pools them (for rows fetched elsewhere)."""
         runtime = self.runtime(task)
-        output = Output(inputs=[0], single=not options.multivector, multi=options.multivector)
+        output = Output(inputs=[0], single=options.output.single, multi=options.output.multi)
         fold = self._planner.fold_for(runtime, output, rows.shape[0], is_image)
         WindowSink(fold).feed(0, np.asarray(rows))
         plan = Plan(calls=[], outputs=[output], inputs=1, tokens=rows.shape[0])

@@ -18,7 +18,7 @@ from jv4_vllm.config import Config
 from jv4_vllm.core.folds import SpanFold, WindowSink
 from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.stream import RowSink
-from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, TextInput
+from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, OutputKind, TextInput
 from jv4_vllm.errors import BackendError, InputTooLongError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ class Planner:
                 images.append((index, item))
             else:
                 raise InvalidRequestError(f"input[{index}] is neither text nor image", param=f"input[{index}]")
-        want_single = options.dense_and_multivector or not options.multivector
-        want_multi = options.dense_and_multivector or options.multivector
+        want_single, want_multi = options.output.single, options.output.multi
         if options.late_chunking:
             if images:
                 index = images[0][0]
@@ -104,7 +103,7 @@ class Planner:
 
     def _check_options(self, runtime: TaskRuntime, options: EmbedOptions) -> None:
         spec = runtime.spec
-        if options.multivector and options.dimensions is not None and not options.dense_and_multivector:
+        if options.output is OutputKind.MULTI and options.dimensions is not None:
             raise InvalidRequestError(
                 f"dimensions cannot be combined with return_multivector (multi-vectors are {spec.projector_dim}-d)",
                 param="dimensions")

@@ -23,7 +23,7 @@ import numpy as np
 
 from jv4_vllm.core.pdf import RenderedPdf
 from jv4_vllm.core.pooling import EPS
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, Role
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, Role
 from jv4_vllm.errors import Jv4Error
 
 if TYPE_CHECKING:
@@ -151,8 +151,8 @@ async def score_documents(engine: Engine, query: Item, documents: Sequence[Item 
         parts = document.images if isinstance(document, RenderedPdf) else (document,)
         flat.extend(parts)
         owners.extend([index] * len(parts))
-    multivector = scoring == "maxsim"
-    options = EmbedOptions(task=task, role="query", multivector=multivector, truncate=truncate)
+    output = OutputKind.MULTI if scoring == "maxsim" else OutputKind.SINGLE
+    options = EmbedOptions(task=task, role="query", output=output, truncate=truncate)
 
     async def embed(items: list[Item], role: Role, name: Callable[[int], str]) -> EmbedResult:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from jv4_vllm.errors import InvalidRequestError
 
-__all__ = ["EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
+__all__ = ["EmbedOptions", "EmbedResult", "ImageInput", "Item", "OutputKind", "Role", "TextInput", "parse_task"]
 
 Role = Literal["query", "passage"]
 ROLES: tuple[Role, ...] = ("query", "passage")
@@ -33,15 +34,35 @@ class ImageInput:
 Item = TextInput | ImageInput
 
 
+class OutputKind(enum.Enum):
+    """What each input becomes: one pooled vector, one row per token, or both from one pass."""
+
+    SINGLE = "single"
+    MULTI = "multi"
+    BOTH = "both"
+
+    @classmethod
+    def of(cls, multivector: bool, dense: bool = False) -> "OutputKind":
+        """The kind a request's ``return_multivector`` and ``return_dense`` ask for."""
+        return (cls.BOTH if dense else cls.MULTI) if multivector else cls.SINGLE
+
+    @property
+    def single(self) -> bool:
+        return self is not OutputKind.MULTI
+
+    @property
+    def multi(self) -> bool:
+        return self is not OutputKind.SINGLE
+
+
 @dataclass(frozen=True, slots=True)
 class EmbedOptions:
     task: str = "retrieval"
     role: Role = "query"
     dimensions: int | None = None
-    multivector: bool = False
+    output: OutputKind = OutputKind.SINGLE  # BOTH: embeddings = single vectors, multivectors = multi
     truncate: bool = False
     late_chunking: bool = False  # one pass over all texts joined; each input pooled over its own span
-    dense_and_multivector: bool = False  # both outputs from one pass: embeddings = single, multivectors = multi
 
 
 @dataclass(slots=True)
@@ -50,7 +71,7 @@ class EmbedResult:
 
     embeddings: list[np.ndarray]
     prompt_tokens: int
-    multivectors: list[np.ndarray] | None = None  # with dense_and_multivector: each input's multi-vector
+    multivectors: list[np.ndarray] | None = None  # with OutputKind.BOTH: each input's multi-vector
 
 
 def parse_task(value: str, known_tasks: list[str] | tuple[str, ...]) -> tuple[str, Role]:

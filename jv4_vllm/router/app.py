@@ -74,7 +74,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
         render = functools.partial(render_embeddings, result, model=body.model or engine.model_name,
-                                   embedding_type=body.output_type(), multivector=options.multivector,
+                                   embedding_type=body.output_type(), output=options.output,
                                    pages=items.pages)
         return await off_loop_if_large(render, result)
 

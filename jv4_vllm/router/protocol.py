@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from jv4_vllm.core.types import EmbedOptions, Role, parse_task
+from jv4_vllm.core.types import EmbedOptions, OutputKind, Role, parse_task
 from jv4_vllm.core.wire import EmbeddingType
 from jv4_vllm.errors import InvalidRequestError, ModelNotFoundError
 
@@ -212,9 +212,8 @@ class EmbeddingsRequest(_Schema):
         task, role = resolve_task(self.model, self.task, model_name, tasks, default=DEFAULT_TASK)
         self.output_type()
         return EmbedOptions(task=task, role=role, dimensions=self.dimensions,  # type: ignore[arg-type]
-                            multivector=self.return_multivector, truncate=self.truncate,
-                            late_chunking=self.late_chunking,
-                            dense_and_multivector=self.return_multivector and self.return_dense)
+                            output=OutputKind.of(self.return_multivector, self.return_dense),
+                            truncate=self.truncate, late_chunking=self.late_chunking)
 
 
 ERROR_DESCRIPTIONS: dict[int, str] = {

@@ -22,7 +22,7 @@ from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import load_image
 from jv4_vllm.core.pdf import PdfPlan, RenderedPdf, check_page_budget, load_pdf, render_pdf
 from jv4_vllm.core.scoring import DocumentScores, ranking, rename_inputs, score_documents
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.protocol import (
@@ -175,15 +175,15 @@ async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: Li
 
 
 def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType,
-                      multivector: bool, pages: Mapping[int, Sequence[int]] | None = None) -> bytes:
+                      output: OutputKind, pages: Mapping[int, Sequence[int]] | None = None) -> bytes:
     """The JSON body for ``result`` (CPU-bound: call it from a worker thread).
 
     ``pages`` (:attr:`RequestItems.pages`) groups the page vectors of each PDF input into one
     ``{"object": "pages", "index", "pages": [{"page", ...}]}`` item, so ``data[i]`` answers ``input[i]``.
     """
-    item, arrays = (_multivector_item if multivector else _vector_item), result.embeddings
-    if result.multivectors is not None:  # dense and multi-vector from one pass
-        item, arrays = _both_item, list(zip(result.multivectors, result.embeddings))  # type: ignore[assignment]
+    item, arrays = (_multivector_item if output is OutputKind.MULTI else _vector_item), result.embeddings
+    if output is OutputKind.BOTH:  # dense and multi-vector from one pass
+        item, arrays = _both_item, list(zip(result.multivectors or (), result.embeddings))  # type: ignore[assignment]
     if pages:
         data = _grouped(arrays, pages, item, embedding_type)
     else:
