@@ -178,12 +178,11 @@ class Engine:
 
     @staticmethod
     def _rejection_error(rejection: BackendRejection, call: Call) -> Exception:
-        where = ", ".join(f"input[{i}]" for i in call.inputs[:8])
+        where = call.inputs[:8]
         if rejection.status in (400, 413, 422):  # about the input; 401/404 mean a misconfigured deployment
             kind = "the image" if call.is_image else "the input"
-            return InvalidRequestError(f"{where}: the model rejected {kind}: {rejection.message}",
-                                       param=f"input[{call.inputs[0]}]")
-        return BackendError(f"{where}: the backend answered {rejection.status}: {rejection.message}")
+            return InvalidRequestError.about(where, f"the model rejected {kind}: {rejection.message}")
+        return BackendError.about(where, f"the backend answered {rejection.status}: {rejection.message}")
 
     def _finish(self, runtime: TaskRuntime, plan: Plan, options: EmbedOptions, used: int) -> EmbedResult:
         """The plan's folds -> one array per input, in input order."""
@@ -223,6 +222,6 @@ def _withdraw(sinks: dict[int, RowSink]) -> None:
 def _finite(values: np.ndarray, index: int) -> np.ndarray:
     """A vector pooled from inf or NaN hidden states is garbage: refuse it rather than serve it."""
     if not np.isfinite(values).all():
-        raise BackendError(f"input[{index}]: the backend's hidden states hold inf or NaN (an fp16 overflow "
-                           "in the model? serve it in bfloat16 or float32)")
+        raise BackendError.about(index, "the backend's hidden states hold inf or NaN (an fp16 overflow "
+                                 "in the model? serve it in bfloat16 or float32)")
     return values

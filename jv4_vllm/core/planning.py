@@ -80,13 +80,12 @@ class Planner:
             elif isinstance(item, ImageInput):
                 images.append((index, item))
             else:
-                raise InvalidRequestError(f"input[{index}] is neither text nor image", param=f"input[{index}]")
+                raise InvalidRequestError.about(index, "is neither text nor image", sep=" ")
         want_single, want_multi = options.output.single, options.output.multi
         if options.late_chunking:
             if images:
                 index = images[0][0]
-                raise InvalidRequestError(f"input[{index}]: late chunking takes texts only, not images",
-                                          param=f"input[{index}]")
+                raise InvalidRequestError.about(index, "late chunking takes texts only, not images")
             return await self._late_chunking_plan(runtime, [t for _, t in texts], options, want_single, want_multi)
         plan = Plan(calls=[], outputs=[], inputs=len(items))
         if texts:
@@ -137,9 +136,9 @@ class Planner:
         for index, ids in zip(indices, token_ids):
             if len(ids) > limit:
                 if not truncate:
-                    raise InputTooLongError(
-                        f"input[{index}] has more than the maximum of {limit} tokens; shorten it or send "
-                        "truncate=true", param=f"input[{index}]")
+                    raise InputTooLongError.about(
+                        index, f"has more than the maximum of {limit} tokens; shorten it or send truncate=true",
+                        sep=" ")
                 ids = ids[:limit]
             output = Output(inputs=[index], single=single, multi=multi, rows=len(ids))
             output.fold = _fold(runtime, output, [(0, len(ids))], [(0, len(ids))])
@@ -182,7 +181,7 @@ class Planner:
             try:
                 return WindowSink(self.fold_for(runtime, output, rows, is_image=True))
             except ValueError as exc:
-                raise BackendError(f"the backend's answer for input[{output.inputs[0]}] is malformed ({exc})") from None
+                raise BackendError.about(output.inputs[0], f"the backend's answer is malformed ({exc})") from None
         return make
 
 
@@ -203,11 +202,10 @@ def _fixed_sink(fold: SpanFold, expected: int, *, offset: int = 0, keep_from: in
 
 def _check_text(index: int, text: str) -> None:
     if not text or not text.strip():
-        raise InvalidRequestError(f"input[{index}] is an empty string", param=f"input[{index}]")
+        raise InvalidRequestError.about(index, "is an empty string", sep=" ")
     if not text.isascii():  # JSON can carry lone surrogates; no tokenizer takes them
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                f"input[{index}] is not valid Unicode text (lone surrogate at position {exc.start})",
-                param=f"input[{index}]") from None
+            raise InvalidRequestError.about(
+                index, f"is not valid Unicode text (lone surrogate at position {exc.start})", sep=" ") from None

@@ -14,7 +14,6 @@ role, numpy scoring in a worker thread. A PDF document scores as its best page.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,7 +45,6 @@ Scoring = Literal["maxsim", "dense"]
 # Similarity blocks are bounded in size: an image query (hundreds of rows) against a thousand
 # page images would otherwise be a matrix of hundreds of millions of floats.
 _BLOCK_ELEMENTS = 1 << 22
-_INPUT_REF = re.compile(r"input\[(\d+)\]")
 
 
 def _rows(matrix: np.ndarray, name: str) -> np.ndarray:
@@ -105,15 +103,9 @@ def ranking(scores: np.ndarray | Sequence[float], top_n: int | None = None) -> l
 
 
 def rename_inputs(error: Jv4Error, name: Callable[[int], str]) -> Jv4Error:
-    """Rewrite ``input[i]`` in an error's message and param as ``name(i)`` (e.g. ``documents[2]``)."""
-    def swap(match: re.Match[str]) -> str:
-        return name(int(match.group(1)))
-
-    error.message = _INPUT_REF.sub(swap, error.message)
-    error.args = (error.message,)
-    if error.param is not None:
-        error.param = _INPUT_REF.sub(swap, error.param)
-    return error
+    """Name the inputs an error is about (its :attr:`~jv4_vllm.errors.Jv4Error.inputs`, engine
+    positions) as ``name(i)``, e.g. ``documents[2]``; its text is left as it is."""
+    return error.relabel(name)
 
 
 @dataclass(slots=True)
