@@ -18,6 +18,7 @@ __all__ = [
     "BackendSettings",
     "Config",
     "DeploymentConfig",
+    "EmbedDefaults",
     "LimitsConfig",
     "RouterConfig",
     "VllmConfig",
@@ -88,6 +89,14 @@ class LimitsConfig(_Strict):
     max_rerank_documents: int = Field(1000, gt=0)
 
 
+class EmbedDefaults(_Strict):
+    """What a request gets for a field it leaves out."""
+
+    multivector_pool_factor: int = Field(
+        1, ge=1, description="Hierarchical token pooling of multi-vectors (and of rerank documents): about "
+                             "1/factor of the rows; 1 keeps every row")
+
+
 class RouterConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = 8080
@@ -106,6 +115,7 @@ class Config(_Strict):
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     backend: BackendSettings = Field(default_factory=BackendSettings)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    defaults: EmbedDefaults = Field(default_factory=EmbedDefaults)
 
     @field_validator("deployments")
     @classmethod

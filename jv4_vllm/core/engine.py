@@ -24,6 +24,7 @@ from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.replicas import BackendRejection, ReplicaPool, ReplicaStats
 from jv4_vllm.core.spec import TaskSpec, load_task_spec
 from jv4_vllm.core.stream import BodyFolder, RowSink, parse_metadata
+from jv4_vllm.core.token_pooling import pool_rows
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind
 from jv4_vllm.core.wire import pooling_wire_fields
 from jv4_vllm.errors import BackendError, InvalidRequestError, PayloadTooLargeError
@@ -139,7 +140,8 @@ class Engine:
             except ExceptionGroup as failure:
                 raise failure.exceptions[0] from None
         rows = sum(output.rows for output in plan.outputs)
-        if rows > INLINE_FINISH_ROWS:
+        if rows > INLINE_FINISH_ROWS or (options.output.multi and self.pool_factor(options) > 1):
+            # token pooling is clustering: never on the event loop
             return await asyncio.to_thread(self._finish, runtime, plan, options, used)
         return self._finish(runtime, plan, options, used)
 
@@ -184,11 +186,18 @@ class Engine:
             return InvalidRequestError.about(where, f"the model rejected {kind}: {rejection.message}")
         return BackendError.about(where, f"the backend answered {rejection.status}: {rejection.message}")
 
+    def pool_factor(self, options: EmbedOptions) -> int:
+        """The token pooling factor of ``options``' multi-vectors: theirs, else the config's default."""
+        if options.pool_factor is not None:
+            return options.pool_factor
+        return self.config.defaults.multivector_pool_factor
+
     def _finish(self, runtime: TaskRuntime, plan: Plan, options: EmbedOptions, used: int) -> EmbedResult:
         """The plan's folds -> one array per input, in input order."""
         singles: list[np.ndarray | None] = [None] * plan.inputs
         multis: list[np.ndarray | None] = [None] * plan.inputs
         dims = runtime.spec.matryoshka_dims
+        factor = self.pool_factor(options)
         for output in plan.outputs:
             fold = output.fold
             if fold is None:
@@ -198,7 +207,7 @@ class Engine:
                     singles[index] = _finite(vector, index)
             if output.multi:
                 for index, matrix in zip(output.inputs, fold.multi_vectors()):
-                    multis[index] = _finite(matrix, index)
+                    multis[index] = pool_rows(_finite(matrix, index), factor)
         if options.output is OutputKind.BOTH:
             return EmbedResult(embeddings=singles, multivectors=multis, prompt_tokens=used)  # type: ignore[arg-type]
         chosen = multis if options.output is OutputKind.MULTI else singles

@@ -110,6 +110,13 @@ class Planner:
             raise InvalidRequestError(
                 f"dimensions={options.dimensions} is not supported; use one of {list(spec.matryoshka_dims)}",
                 param="dimensions")
+        if options.pool_factor is not None:
+            if options.pool_factor < 1:
+                raise InvalidRequestError(f"multivector_pool_factor must be at least 1, got {options.pool_factor}",
+                                          param="multivector_pool_factor")
+            if not options.output.multi:
+                raise InvalidRequestError("multivector_pool_factor pools multi-vector rows: send it with "
+                                          "return_multivector", param="multivector_pool_factor")
         if options.role not in spec.prefixes:
             raise InvalidRequestError(f"unknown role {options.role!r}", param="task")
 

@@ -63,6 +63,7 @@ class EmbedOptions:
     output: OutputKind = OutputKind.SINGLE  # BOTH: embeddings = single vectors, multivectors = multi
     truncate: bool = False
     late_chunking: bool = False  # one pass over all texts joined; each input pooled over its own span
+    pool_factor: int | None = None  # hierarchical token pooling of multi-vectors; None: the config's default
 
 
 @dataclass(slots=True)

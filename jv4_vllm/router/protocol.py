@@ -194,6 +194,11 @@ class EmbeddingsRequest(_Schema):
         False, description="With return_multivector: each item also carries the input's single vector as "
                            "`embedding` (honouring dimensions and embedding_type), from the same vLLM pass. "
                            "Without return_multivector it changes nothing.")
+    multivector_pool_factor: StrictInt | None = Field(
+        None, ge=1, description="With return_multivector: hierarchical token pooling (Ward clusters of each "
+                                "input's rows, their normalised means) down to max(rows // factor, 1) rows; "
+                                "binary/ubinary pack the pooled rows. 1 keeps every row; default: the "
+                                "server's defaults.multivector_pool_factor (1). Per chunk with late_chunking.")
 
     def output_type(self) -> EmbeddingType:
         """One choice under three names: embedding_type, encoding_type (Jina) and encoding_format (OpenAI)."""
@@ -211,9 +216,19 @@ class EmbeddingsRequest(_Schema):
         """The engine options this request asks for (its own fields checked; the engine checks the rest)."""
         task, role = resolve_task(self.model, self.task, model_name, tasks, default=DEFAULT_TASK)
         self.output_type()
+        if self.multivector_pool_factor is not None:
+            if not self.return_multivector:
+                raise InvalidRequestError("multivector_pool_factor pools multi-vector rows: send it with "
+                                          "return_multivector=true", param="multivector_pool_factor")
+            if self.dimensions is not None and not self.return_dense:
+                raise InvalidRequestError(
+                    "multivector_pool_factor cannot be combined with dimensions: pooled rows keep the "
+                    "multi-vector size (dimensions applies to single vectors, with return_dense)",
+                    param="multivector_pool_factor")
         return EmbedOptions(task=task, role=role, dimensions=self.dimensions,  # type: ignore[arg-type]
                             output=OutputKind.of(self.return_multivector, self.return_dense),
-                            truncate=self.truncate, late_chunking=self.late_chunking)
+                            truncate=self.truncate, late_chunking=self.late_chunking,
+                            pool_factor=self.multivector_pool_factor)
 
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
@@ -294,9 +309,16 @@ class RerankRequest(_Schema):
         "maxsim", description="maxsim: late interaction over the task's multi-vectors; dense: cosine of "
                               "single vectors.")
     truncate: StrictBool = Field(False, description="Cut over-long texts to the model's maximum instead of failing.")
+    multivector_pool_factor: StrictInt | None = Field(
+        None, ge=1, description="maxsim over the documents' rows pooled as /v1/embeddings pools them "
+                                "(hierarchical token pooling, about 1/factor of the rows); the query keeps "
+                                "every row. Default: the server's defaults.multivector_pool_factor (1).")
 
     def resolve_task(self, model_name: str, tasks: Sequence[str]) -> str:
         """The task from ``task`` and ``model``; the roles are the route's."""
+        if self.multivector_pool_factor is not None and self.scoring != "maxsim":
+            raise InvalidRequestError("multivector_pool_factor pools the documents' multi-vectors: it needs "
+                                      "scoring=maxsim", param="multivector_pool_factor")
         return resolve_task(self.model, self.task, model_name, tasks, default=RERANK_DEFAULT_TASK,
                             fixed_roles=True)[0]
 

@@ -296,6 +296,6 @@ async def rerank(body: RerankRequest, engine: Engine, limits: LimitsConfig, gate
     items = await _read_named(list(body.documents), limits, gate, "documents")
     documents = _documents(items, len(body.documents))
     scores = await score_documents(engine, query[0], documents, task=task, scoring=body.scoring,
-                                   truncate=body.truncate)
+                                   truncate=body.truncate, pool_factor=body.multivector_pool_factor)
     content = await asyncio.to_thread(_render_ranking, body, body.model or engine.model_name, scores)
     return content, [query[0], *items], scores.prompt_tokens
