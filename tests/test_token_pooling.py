@@ -240,3 +240,13 @@ def test_client_refuses_bad_pool_factors() -> None:
         with pytest.raises(InvalidRequestError) as caught:
             _options("retrieval", "query", None, multi, False, pool_factor=factor)  # type: ignore[arg-type]
         assert caught.value.param == "pool_factor"
+
+
+def test_bench_pooling_row_agrees_with_colpali() -> None:
+    from jv4_vllm.bench.pooling import markdown_lines, measure_pooling
+
+    row = measure_pooling([_unit_rows(400, seed=11)], factors=(2, 3), repeats=1)
+    assert all(cell["identical_clusters"] for cell in row["factors"].values())
+    storage = [{"encoding": "float32", "factor": 1, "rows_per_page": 10.0, "bytes_per_page": 2560.0},
+               {"encoding": "binary", "factor": 1, "rows_per_page": 10.0, "bytes_per_page": 80.0}]
+    assert "| binary | 1 | 10.0 | 80 | 1/32.0 |" in markdown_lines(row, storage)

@@ -88,10 +88,14 @@ def main(argv: list[str]) -> int:
     """Run the benchmark; print the summary; 0 when every cell ran without errors.
 
     ``long-inputs`` as the first argument runs the long-input workload instead
-    (:mod:`jv4_vllm.bench.long_inputs`)."""
+    (:mod:`jv4_vllm.bench.long_inputs`); ``pooling`` only the token-pooling row against a
+    running router (:mod:`jv4_vllm.bench.pooling`)."""
     if argv and argv[0] == "long-inputs":
         from jv4_vllm.bench.long_inputs import long_main
         return long_main(argv[1:])
+    if argv and argv[0] == "pooling":
+        from jv4_vllm.bench.pooling import pooling_main
+        return pooling_main(argv[1:])
     settings = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
