@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "AuthenticationError",
@@ -48,9 +48,6 @@ __all__ = [
     "error_from_response",
     "retry_after_seconds",
 ]
-
-E = TypeVar("E", bound="Jv4Error")
-
 
 def input_name(index: int) -> str:
     """How the HTTP API names an input by default: ``input[3]``."""
@@ -82,14 +79,14 @@ class Jv4Error(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def about(cls: type[E], inputs: int | Sequence[int], text: str, *, suffix: str = "", sep: str = ": ",
-              **kwargs: Any) -> E:
+    def about(cls, inputs: int | Sequence[int], text: str, *, suffix: str = "", sep: str = ": ",
+              **kwargs: Any) -> Self:
         """An error about ``inputs`` (one index or several): ``input[3]: text``, param ``input[3]``;
         ``suffix`` points inside the first one (``.pages``: ``input[3].pages: text``)."""
         indices = (inputs,) if isinstance(inputs, int) else tuple(inputs)
         return cls(sep + text, inputs=indices, suffix=suffix, **kwargs)
 
-    def relabel(self: E, name: Callable[[int], str]) -> E:
+    def relabel(self, name: Callable[[int], str]) -> Self:
         """Name this error's inputs with ``name(index)`` from now on (``documents[i]``, ``query``)."""
         self._name = name
         return self

@@ -25,7 +25,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image, ImageDraw
 from qdrant_client import QdrantClient, models
 

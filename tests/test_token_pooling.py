@@ -10,6 +10,7 @@ documents is MaxSim over those rows; the client's binary MaxSim is Hamming simil
 from __future__ import annotations
 
 import base64
+import itertools
 
 import httpx
 import numpy as np
@@ -24,7 +25,7 @@ from jv4_vllm.core.scoring import maxsim, maxsim_scores
 from jv4_vllm.core.token_pooling import ROW_WINDOW, pool_rows, pool_tokens
 
 MATCH = 0.9999
-TASK = "retrieval.passage"
+TASK = "code.passage"  # any adapter does; the pooling is the same
 WORDS = ("ledger", "invoice", "quarter", "revenue", "margin", "forecast", "audit", "cash", "asset", "equity",
          "a", "the", "of", "to", "and", "in", "rose", "fell", "by", "percent")
 LONG_TEXT = " ".join(WORDS[(i * 7 + i // 3) % len(WORDS)] for i in range(330))  # about 1,000 demo tokens
@@ -97,7 +98,7 @@ def test_long_inputs_are_pooled_window_by_window() -> None:
     rows = _unit_rows(700, seed=5)  # three windows of 233, 234 and 233 rows
     got = pool_rows(rows, 3, window=300)
     bounds = [0, 233, 467, 700]
-    want = np.concatenate([published_pooling(rows[a:b], 3) for a, b in zip(bounds[:-1], bounds[1:])])
+    want = np.concatenate([published_pooling(rows[a:b], 3) for a, b in itertools.pairwise(bounds)])
     assert got.shape == (77 + 78 + 77, 128)
     assert np.allclose(got, want, atol=1e-5)  # windows in order, each in cluster-label order
     long = _unit_rows(ROW_WINDOW + 2, seed=6)  # the default window: two halves of 1,025 rows
@@ -184,27 +185,27 @@ def test_rerank_over_pooled_documents_is_maxsim_over_pooled_rows(router_url: str
     query = "revenue rose by percent in the quarter"
     documents = [LONG_TEXT[:1200], LONG_TEXT[1500:2100], {"image": IMAGES[1]}]
     response = httpx.post(f"{router_url}/v1/rerank", timeout=300, json={
-        "query": query, "documents": [d if isinstance(d, str) else d for d in documents],
-        "multivector_pool_factor": 2, "return_documents": False})
+        "query": query, "documents": documents, "task": "code", "multivector_pool_factor": 2,
+        "return_documents": False})
     assert response.status_code == 200, response.text
     got = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
-    query_rows = rows_of(router_url, [query], task="retrieval.query")[0]  # queries stay unpooled
+    query_rows = rows_of(router_url, [query], task="code.query")[0]  # queries stay unpooled
     docs = rows_of(router_url, [d if isinstance(d, dict) else {"text": d} for d in documents],
                    multivector_pool_factor=2)
     want = maxsim_scores(query_rows, docs)
     assert [got[i] for i in range(len(documents))] == pytest.approx(want.tolist(), abs=1e-4)
     unpooled = httpx.post(f"{router_url}/v1/rerank", timeout=300,
-                          json={"query": query, "documents": documents[:2]}).json()["results"]
+                          json={"query": query, "documents": documents[:2], "task": "code"}).json()["results"]
     assert {r["index"]: r["relevance_score"] for r in unpooled} != {i: got[i] for i in (0, 1)}
 
 
 @pytest.mark.vllm
 def test_client_pool_factor_and_binary_maxsim(router_url: str) -> None:
     with Client(router_url) as client:
-        pooled = client.encode_text([LONG_TEXT[:1500]], task="retrieval", prompt_name="passage",
+        pooled = client.encode_text([LONG_TEXT[:1500]], task="code", prompt_name="passage",
                                     return_multivector=True, pool_factor=3)
-        query = client.encode_text("quarter revenue", return_multivector=True)
-        hits = client.rerank("quarter revenue", [LONG_TEXT[:1500], LONG_TEXT[1500:]], pool_factor=3)
+        query = client.encode_text("quarter revenue", task="code", return_multivector=True)
+        hits = client.rerank("quarter revenue", [LONG_TEXT[:1500], LONG_TEXT[1500:]], task="code", pool_factor=3)
     served = rows_of(router_url, [{"text": LONG_TEXT[:1500]}], multivector_pool_factor=3)[0]
     assert_same_rows(pooled[0], served)
     assert hits[[h.index for h in hits].index(0)].relevance_score == pytest.approx(maxsim(query, served), abs=1e-4)

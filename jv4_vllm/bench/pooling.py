@@ -106,8 +106,9 @@ def markdown_lines(pooling: dict[str, Any], storage: list[dict[str, Any]]) -> li
     """The pooling row's two tables."""
     if "error" in pooling:
         return [f"Token pooling: {pooling['error']}"]
-    lines = [f"Token pooling, CPU ms per 1,000 rows (inputs of {pooling['rows']} rows, one BLAS thread, both "
-             "poolers side by side in one process on the same rows):", "",
+    title = (f"Token pooling, CPU ms per 1,000 rows (inputs of {pooling['rows']} rows, one BLAS thread, both "
+             "poolers side by side in one process on the same rows):")
+    lines = [title, "",
              "| factor | router pooler ms | colpali-engine ms | ratio | identical clusters |", "|---|---|---|---|---|"]
     for factor, cell in pooling["factors"].items():
         lines.append(f"| {factor} | {cell['router_cpu_ms_per_1000_rows']:.1f} | {cell['colpali_cpu_ms_per_1000_rows']:.1f} "

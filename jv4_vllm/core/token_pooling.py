@@ -22,6 +22,7 @@ concatenated in order. Inputs up to the window get exactly the published cluster
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -73,7 +74,7 @@ def pool_rows(rows: np.ndarray, factor: int, window: int = ROW_WINDOW) -> np.nda
         return pool_tokens(rows, factor)
     parts = math.ceil(n / window)
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return np.concatenate([pool_tokens(rows[a:b], factor) for a, b in zip(bounds[:-1], bounds[1:])])
+    return np.concatenate([pool_tokens(rows[a:b], factor) for a, b in itertools.pairwise(bounds.tolist())])
 
 
 def pool_all(matrices: Sequence[np.ndarray], factor: int, window: int = ROW_WINDOW) -> list[np.ndarray]:

@@ -20,8 +20,19 @@ import orjson
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import load_image
-from jv4_vllm.core.pdf import PdfPlan, RenderedPdf, check_page_budget, load_pdf, render_pdf
-from jv4_vllm.core.scoring import DocumentScores, ranking, rename_inputs, score_documents
+from jv4_vllm.core.pdf import (
+    PdfPlan,
+    RenderedPdf,
+    check_page_budget,
+    load_pdf,
+    render_pdf,
+)
+from jv4_vllm.core.scoring import (
+    DocumentScores,
+    ranking,
+    rename_inputs,
+    score_documents,
+)
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, TextInput
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
