@@ -173,6 +173,12 @@ ROWS = [
     Row("return-dense-bad-dimensions", 400, "dimensions", "not supported",
         body={"input": "a", "return_multivector": True, "return_dense": True, "dimensions": 100}),
     # late chunking
+    Row("pool-factor-zero", 400, "multivector_pool_factor", "greater than or equal to 1",
+        body={"input": "a", "return_multivector": True, "multivector_pool_factor": 0}),
+    Row("pool-factor-without-multivector", 400, "multivector_pool_factor", "with return_multivector",
+        body={"input": "a", "multivector_pool_factor": 2}),
+    Row("pool-factor-with-dimensions", 400, "multivector_pool_factor", "cannot be combined with dimensions",
+        body={"input": "a", "return_multivector": True, "multivector_pool_factor": 2, "dimensions": 128}),
     Row("late-chunking-not-bool", 400, "late_chunking", "valid boolean", body={"input": "a", "late_chunking": 1}),
     Row("late-chunking-image", 400, "input[1]", "late chunking takes texts only",
         body={"input": ["a", {"image": GOOD_IMAGE}], "late_chunking": True}),
@@ -383,7 +389,7 @@ async def test_openapi_documents_the_contract(servers: dict[str, str]) -> None:
     schema = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert set(schema) == {"model", "input", "dimensions", "encoding_format", "user", "task",
                            "return_multivector", "embedding_type", "encoding_type", "truncate", "late_chunking",
-                           "return_dense"}
+                           "return_dense", "multivector_pool_factor"}
     assert all(prop.get("description") for prop in schema.values())
     assert {"/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
     documented = set(spec["paths"]["/v1/embeddings"]["post"]["responses"])
