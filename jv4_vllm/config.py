@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeploymentConfig",
+    "EmbedDefaults",
     "LimitsConfig",
     "RouterConfig",
     "VllmConfig",
@@ -133,6 +134,14 @@ class LimitsConfig(_Strict):
                                 "between pages")
 
 
+class EmbedDefaults(_Strict):
+    """What a request gets for a field it leaves out."""
+
+    multivector_pool_factor: int = Field(
+        1, ge=1, description="Hierarchical token pooling of multi-vectors (and of rerank documents): about "
+                             "1/factor of the rows; 1 keeps every row")
+
+
 class RouterConfig(_Strict):
     """Where the router listens and who may call it."""
 
@@ -166,6 +175,8 @@ class Config(_Strict):
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="How vLLM servers are started")
     backend: BackendSettings = Field(default_factory=BackendSettings, description="How the engine talks to vLLM")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Admission limits of every request")
+    defaults: EmbedDefaults = Field(default_factory=EmbedDefaults,
+                                    description="What a request gets for a field it leaves out")
 
     @field_validator("deployments")
     @classmethod

@@ -16,6 +16,11 @@ The router renders any of these as ``{"error": {message, type, param, code}, "de
 client turns such a body back into the same class with :func:`error_from_body`, and any other
 answer (an HTML page from a proxy, plain text) with :func:`error_from_response`, so a caller
 catches one tree whatever failed.
+
+An error about particular inputs carries their indices as data (:meth:`Jv4Error.about`): its
+message and param name them (``input[3]: ...``) when read, so a layer that knows them by
+another name (``documents[1]``, a PDF's input rather than its page) relabels them with
+:meth:`Jv4Error.relabel`, without touching the text.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "AuthenticationError",
@@ -44,6 +50,10 @@ __all__ = [
     "retry_after_seconds",
 ]
 
+def input_name(index: int) -> str:
+    """How the HTTP API names an input by default: ``input[3]``."""
+    return f"input[{index}]"
+
 
 class Jv4Error(Exception):
     status: ClassVar[int] = 500
@@ -57,12 +67,58 @@ class Jv4Error(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        inputs: Sequence[int] = (),
+        suffix: str = "",
     ) -> None:
         super().__init__(message)
-        self.message = message
-        self.param = param
+        self.inputs = tuple(inputs)  # the inputs the error is about; the message starts with their names
+        self._text = message
+        self._suffix = suffix
+        self._param = param
+        self._name: Callable[[int], str] = input_name
         self.code = code or self.default_code
         self.retry_after = retry_after
+
+    @classmethod
+    def about(cls, inputs: int | Sequence[int], text: str, *, suffix: str = "", sep: str = ": ",
+              **kwargs: Any) -> Self:
+        """An error about ``inputs`` (one index or several): ``input[3]: text``, param ``input[3]``;
+        ``suffix`` points inside the first one (``.pages``: ``input[3].pages: text``)."""
+        indices = (inputs,) if isinstance(inputs, int) else tuple(inputs)
+        return cls(sep + text, inputs=indices, suffix=suffix, **kwargs)
+
+    def relabel(self, name: Callable[[int], str]) -> Self:
+        """Name this error's inputs with ``name(index)`` from now on (``documents[i]``, ``query``)."""
+        self._name = name
+        return self
+
+    def _label(self) -> str:
+        return ", ".join(self._name(i) for i in self.inputs) + self._suffix if self.inputs else ""
+
+    @property
+    def message(self) -> str:
+        return self._label() + self._text
+
+    @message.setter
+    def message(self, value: str) -> None:
+        label = self._label()
+        if label and value.startswith(label):
+            self._text = value[len(label):]
+        else:
+            self._text, self.inputs = value, ()
+
+    @property
+    def param(self) -> str | None:
+        if self._param is None and self.inputs:
+            return self._name(self.inputs[0]) + self._suffix
+        return self._param
+
+    @param.setter
+    def param(self, value: str | None) -> None:
+        self._param = value
+
+    def __str__(self) -> str:
+        return self.message
 
     def to_body(self) -> dict[str, Any]:
         """OpenAI's error object, plus the message as ``detail`` (where Jina's client libraries read it)."""

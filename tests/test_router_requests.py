@@ -27,7 +27,7 @@ from jv4_vllm.config import Config
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.router import create_app
 from jv4_vllm.router.rendering import render_embeddings
-from jv4_vllm.core.types import EmbedResult
+from jv4_vllm.core.types import EmbedResult, OutputKind
 from jv4_vllm.errors import Jv4Error, OverloadedError
 from jv4_vllm.router.protocol import EmbeddingsRequest
 from test_images import png_header_only
@@ -173,6 +173,12 @@ ROWS = [
     Row("return-dense-bad-dimensions", 400, "dimensions", "not supported",
         body={"input": "a", "return_multivector": True, "return_dense": True, "dimensions": 100}),
     # late chunking
+    Row("pool-factor-zero", 400, "multivector_pool_factor", "greater than or equal to 1",
+        body={"input": "a", "return_multivector": True, "multivector_pool_factor": 0}),
+    Row("pool-factor-without-multivector", 400, "multivector_pool_factor", "with return_multivector",
+        body={"input": "a", "multivector_pool_factor": 2}),
+    Row("pool-factor-with-dimensions", 400, "multivector_pool_factor", "cannot be combined with dimensions",
+        body={"input": "a", "return_multivector": True, "multivector_pool_factor": 2, "dimensions": 128}),
     Row("late-chunking-not-bool", 400, "late_chunking", "valid boolean", body={"input": "a", "late_chunking": 1}),
     Row("late-chunking-image", 400, "input[1]", "late chunking takes texts only",
         body={"input": ["a", {"image": GOOD_IMAGE}], "late_chunking": True}),
@@ -354,22 +360,22 @@ def test_response_rendering_matches_the_documented_shapes() -> None:
     rng = np.random.default_rng(0)
     vectors = [rng.standard_normal(32).astype(np.float32) for _ in range(2)]
     result = EmbedResult(embeddings=vectors, prompt_tokens=7)
-    floats = orjson.loads(render_embeddings(result, model="m", embedding_type="float", multivector=False))
+    floats = orjson.loads(render_embeddings(result, model="m", embedding_type="float", output=OutputKind.SINGLE))
     assert floats["object"] == "list" and floats["model"] == "m"
     assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
     assert [d["index"] for d in floats["data"]] == [0, 1] and floats["data"][0]["object"] == "embedding"
     np.testing.assert_array_equal(np.array(floats["data"][1]["embedding"], dtype=np.float32), vectors[1])
-    packed = orjson.loads(render_embeddings(result, model="m", embedding_type="base64", multivector=False))
+    packed = orjson.loads(render_embeddings(result, model="m", embedding_type="base64", output=OutputKind.SINGLE))
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), "<f4"), vectors[0])
-    bits = orjson.loads(render_embeddings(result, model="m", embedding_type="ubinary", multivector=False))
+    bits = orjson.loads(render_embeddings(result, model="m", embedding_type="ubinary", output=OutputKind.SINGLE))
     assert bits["data"][0]["embedding"] == np.packbits(vectors[0] > 0).tolist()
 
     matrices = [rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)]
     multi = EmbedResult(embeddings=matrices, prompt_tokens=8)
-    rows = orjson.loads(render_embeddings(multi, model="m", embedding_type="float", multivector=True))
+    rows = orjson.loads(render_embeddings(multi, model="m", embedding_type="float", output=OutputKind.MULTI))
     assert rows["data"][1]["object"] == "embeddings"
     np.testing.assert_array_equal(np.array(rows["data"][1]["embeddings"], dtype=np.float32), matrices[1])
-    flat = orjson.loads(render_embeddings(multi, model="m", embedding_type="base64", multivector=True))
+    flat = orjson.loads(render_embeddings(multi, model="m", embedding_type="base64", output=OutputKind.MULTI))
     item = flat["data"][0]
     assert item["shape"] == [5, 8]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(item["embeddings"]), "<f4").reshape(5, 8),
@@ -383,7 +389,7 @@ async def test_openapi_documents_the_contract(servers: dict[str, str]) -> None:
     schema = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert set(schema) == {"model", "input", "dimensions", "encoding_format", "user", "task",
                            "return_multivector", "embedding_type", "encoding_type", "truncate", "late_chunking",
-                           "return_dense"}
+                           "return_dense", "multivector_pool_factor"}
     assert all(prop.get("description") for prop in schema.values())
     assert {"/v1/embeddings", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
     documented = set(spec["paths"]["/v1/embeddings"]["post"]["responses"])

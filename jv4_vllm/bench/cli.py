@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
 
     ``long-inputs`` as the first argument runs the long-input workload instead
     (:mod:`jv4_vllm.bench.long_inputs`), ``fleet`` the fleet workload (:mod:`jv4_vllm.bench.fleet`), ``bulk`` the bulk
-    jobs' (:mod:`jv4_vllm.bench.bulk`)."""
+    jobs' (:mod:`jv4_vllm.bench.bulk`), ``pooling`` only the token-pooling row against a running
+    router (:mod:`jv4_vllm.bench.pooling`)."""
     if argv and argv[0] == "long-inputs":
         from jv4_vllm.bench.long_inputs import long_main
         return long_main(argv[1:])
@@ -103,6 +104,9 @@ def main(argv: list[str]) -> int:
             return fleet_main(argv[1:])
         finally:
             signal.signal(signal.SIGTERM, previous)
+    if argv and argv[0] == "pooling":
+        from jv4_vllm.bench.pooling import pooling_main
+        return pooling_main(argv[1:])
     settings = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -22,7 +22,7 @@ from jv4_vllm.client.senders import RouterSender
 from jv4_vllm.core.engine import Engine
 from jv4_vllm.core.pooler_contract import POOLER_CONFIG, POOLING_PATH
 from jv4_vllm.core.prompts import PromptBuilder
-from jv4_vllm.core.types import EmbedOptions
+from jv4_vllm.core.types import EmbedOptions, OutputKind
 from jv4_vllm.core.stream import decode_body
 from jv4_vllm.core.wire import pooling_wire_fields
 
@@ -94,7 +94,7 @@ class VllmPath:
         """Pool the decoded hidden states with the engine's pooling (for the equality check)."""
         if self._engine is None:
             raise RuntimeError(f"{self.name}: no engine to pool with")
-        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        options = EmbedOptions(task=self._task, role=workload.role, output=OutputKind.of(mode == "multi"))
         return [self._engine.pool(self._task, rows, is_image=workload.is_image, options=options)
                 for rows in outcome.arrays]
 
@@ -109,7 +109,7 @@ class EnginePath:
         self._engine, self._task = engine, task
 
     def request(self, workload: Workload, mode: Mode, indices: list[int]) -> tuple[list[Any], EmbedOptions]:
-        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        options = EmbedOptions(task=self._task, role=workload.role, output=OutputKind.of(mode == "multi"))
         return [workload.items[i] for i in indices], options
 
     async def send(self, request: tuple[list[Any], EmbedOptions]) -> Outcome:
@@ -132,7 +132,7 @@ class RouterPath:
         self._task = task
 
     def request(self, workload: Workload, mode: Mode, indices: list[int]) -> bytes:
-        options = EmbedOptions(task=self._task, role=workload.role, multivector=mode == "multi")
+        options = EmbedOptions(task=self._task, role=workload.role, output=OutputKind.of(mode == "multi"))
         return self._sender.body([workload.items[i] for i in indices], options)
 
     async def send(self, body: bytes) -> Outcome:

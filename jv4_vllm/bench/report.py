@@ -124,6 +124,7 @@ def build_report(settings: BenchSettings, result: RunResult) -> dict[str, Any]:
         "parity": result.parity,
         "ratios": ratios(rows, settings.concurrency, result.ceiling),
         "ceiling": result.ceiling,
+        "pooling": result.pooling,
     }
 
 
@@ -245,6 +246,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["ceiling"]:
         out += _ceiling_lines(report["ceiling"])
+    if report.get("pooling"):
+        from jv4_vllm.bench.pooling import markdown_lines
+
+        out += ["", *markdown_lines(report["pooling"]["cpu"], report["pooling"]["storage"])]
     out += ["", "Equality of the paths (probe items; every pair compared):", "", *_parity_lines(report)]
     return "\n".join(out) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -46,6 +47,7 @@ class RunResult:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     tokens_per_item: dict[str, float] = field(default_factory=dict)
     ceiling: dict[str, Any] | None = None
+    pooling: dict[str, Any] | None = None  # the token-pooling row (bench/pooling.py)
     seconds: float = 0.0
     load_average_1m_at_start: float = 0.0  # the machine may be shared: say how busy it was
 
@@ -105,6 +107,13 @@ class _Runner:
                 self.paths["router"] = RouterPath(router_url, config.model_name, s.task, http)
             for workload in workloads.values():
                 await self._probe(workload)
+            if "router" in s.paths:  # token pooling against colpali-engine, on rows this router serves
+                from jv4_vllm.bench.long_inputs import long_passage
+                from jv4_vllm.bench.pooling import pooling_row
+
+                text = long_passage(prompts.tokenizer, 990)
+                self.result.pooling = await asyncio.to_thread(pooling_row, router_url, text,
+                                                              task=f"{s.task}.passage")
             if s.ceiling_s > 0:  # real answers for the replay upstreams
                 recorder = VllmPath("recorder", vllm_url, served, prompts, http, "bytes")
                 for name in ("query", "passage"):

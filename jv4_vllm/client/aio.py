@@ -40,6 +40,7 @@ from jv4_vllm.core.types import (
     EmbedResult,
     ImageInput,
     Item,
+    OutputKind,
     Role,
     TextInput,
     parse_task,
@@ -71,14 +72,19 @@ UNLIMITED_PAGES = 1 << 30  # the client splits a PDF into requests; each request
 
 
 def _options(task: str, prompt_name: str, truncate_dim: int | None, return_multivector: bool,
-             truncate: bool, *, return_dense: bool = False, late_chunking: bool = False) -> EmbedOptions:
+             truncate: bool, *, return_dense: bool = False, late_chunking: bool = False,
+             pool_factor: int | None = None) -> EmbedOptions:
     name, role = parse_task(task if "." in task else f"{task}.{prompt_name}", TASK_NAMES)
-    both = return_multivector and return_dense
-    if return_multivector and truncate_dim is not None and not both:
+    if return_multivector and truncate_dim is not None and not return_dense:
         raise InvalidRequestError("truncate_dim cannot be combined with return_multivector (unless return_dense: "
                                   "then it applies to the single vectors)", param="truncate_dim")
-    return EmbedOptions(task=name, role=role, dimensions=truncate_dim, multivector=return_multivector,
-                        truncate=truncate, late_chunking=late_chunking, dense_and_multivector=both)
+    if pool_factor is not None and (isinstance(pool_factor, bool) or not isinstance(pool_factor, int)
+                                    or pool_factor < 1 or not return_multivector):
+        raise InvalidRequestError("pool_factor must be an int of at least 1, with return_multivector=True",
+                                  param="pool_factor")
+    return EmbedOptions(task=name, role=role, dimensions=truncate_dim,
+                        output=OutputKind.of(return_multivector, return_dense), truncate=truncate,
+                        late_chunking=late_chunking, pool_factor=pool_factor)
 
 
 class AsyncClient:
@@ -127,34 +133,37 @@ class AsyncClient:
     async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                           truncate_dim: int | None = ..., return_multivector: Literal[False] = ...,
                           return_dense: bool = ..., batch_size: int = ..., show_progress: bool | None = ...,
-                          truncate: bool = ..., late_chunking: bool = ...) -> np.ndarray: ...
+                          truncate: bool = ..., late_chunking: bool = ...,
+                          pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     async def encode_text(self, texts: str, *, task: str = ..., prompt_name: Role = ...,
                           truncate_dim: None = ..., return_multivector: Literal[True],
                           return_dense: Literal[False] = ..., batch_size: int = ...,
                           show_progress: bool | None = ..., truncate: bool = ...,
-                          late_chunking: bool = ...) -> np.ndarray: ...
+                          late_chunking: bool = ..., pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     async def encode_text(self, texts: Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                           truncate_dim: None = ..., return_multivector: Literal[True],
                           return_dense: Literal[False] = ..., batch_size: int = ...,
                           show_progress: bool | None = ..., truncate: bool = ...,
-                          late_chunking: bool = ...) -> list[np.ndarray]: ...
+                          late_chunking: bool = ..., pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                           truncate_dim: int | None = ..., return_multivector: Literal[True],
                           return_dense: Literal[True], batch_size: int = ..., show_progress: bool | None = ...,
-                          truncate: bool = ..., late_chunking: bool = ...) -> DenseAndMulti: ...
+                          truncate: bool = ..., late_chunking: bool = ...,
+                          pool_factor: int | None = ...) -> DenseAndMulti: ...
     @overload
     async def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                           truncate_dim: int | None = ..., return_multivector: bool = ..., return_dense: bool = ...,
                           batch_size: int = ..., show_progress: bool | None = ..., truncate: bool = ...,
-                          late_chunking: bool = ...) -> Embeddings | DenseAndMulti: ...
+                          late_chunking: bool = ..., pool_factor: int | None = ...) -> Embeddings | DenseAndMulti: ...
 
     async def encode_text(self, texts: str | Sequence[str], *, task: str = "retrieval", prompt_name: Role = "query",
                           truncate_dim: int | None = None, return_multivector: bool = False,
                           return_dense: bool = False, batch_size: int = 32, show_progress: bool | None = None,
-                          truncate: bool = False, late_chunking: bool = False) -> Embeddings | DenseAndMulti:
+                          truncate: bool = False, late_chunking: bool = False,
+                          pool_factor: int | None = None) -> Embeddings | DenseAndMulti:
         """Embed texts; a single string gives a single vector (or one multi-vector).
 
         ``task`` defaults to ``retrieval`` with the query role, as the reference ``encode_text``
@@ -162,6 +171,9 @@ class AsyncClient:
         ``passage``) is the role, or write it in ``task`` (``"retrieval.passage"``).
         [N, d] single vectors (one [d] vector for one string); with ``return_multivector`` one
         [n_tokens, P] matrix per text; with ``return_dense`` too, both as :class:`DenseAndMulti`.
+        ``pool_factor`` (with ``return_multivector``): hierarchical token pooling, about
+        1/factor of each multi-vector's rows (per chunk with ``late_chunking``); default: the
+        server's ``defaults.multivector_pool_factor``.
         ``late_chunking``: the texts are chunks of one document, embedded together in one pass
         (one request, whatever ``batch_size``), one embedding per chunk.
         """
@@ -171,7 +183,7 @@ class AsyncClient:
             if not isinstance(text, str) or not text.strip():
                 raise InvalidRequestError(f"input[{index}] must be a non-empty string", param=f"input[{index}]")
         options = _options(task, prompt_name, truncate_dim, return_multivector, truncate,
-                           return_dense=return_dense, late_chunking=late_chunking)
+                           return_dense=return_dense, late_chunking=late_chunking, pool_factor=pool_factor)
         if late_chunking:
             batch_size = max(len(values), 1)
         result = await self._run([TextInput(t) for t in values], options, batch_size, show_progress)
@@ -181,36 +193,39 @@ class AsyncClient:
     async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
                            task: str = ..., truncate_dim: int | None = ..., return_multivector: Literal[False] = ...,
                            return_dense: bool = ..., batch_size: int = ...,
-                           show_progress: bool | None = ...) -> np.ndarray: ...
+                           show_progress: bool | None = ..., pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     async def encode_image(self, images: ImageSource, *, task: str = ..., truncate_dim: None = ...,
                            return_multivector: Literal[True], return_dense: Literal[False] = ...,
-                           batch_size: int = ..., show_progress: bool | None = ...) -> np.ndarray: ...
+                           batch_size: int = ..., show_progress: bool | None = ...,
+                           pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     async def encode_image(self, images: list[ImageSource] | tuple[ImageSource, ...], *, task: str = ...,
                            truncate_dim: None = ..., return_multivector: Literal[True],
                            return_dense: Literal[False] = ..., batch_size: int = ...,
-                           show_progress: bool | None = ...) -> list[np.ndarray]: ...
+                           show_progress: bool | None = ..., pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
                            task: str = ..., truncate_dim: int | None = ..., return_multivector: Literal[True],
                            return_dense: Literal[True], batch_size: int = ...,
-                           show_progress: bool | None = ...) -> DenseAndMulti: ...
+                           show_progress: bool | None = ..., pool_factor: int | None = ...) -> DenseAndMulti: ...
     @overload
     async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
                            task: str = ..., truncate_dim: int | None = ..., return_multivector: bool = ...,
                            return_dense: bool = ..., batch_size: int = ...,
-                           show_progress: bool | None = ...) -> Embeddings | DenseAndMulti: ...
+                           show_progress: bool | None = ...,
+                           pool_factor: int | None = ...) -> Embeddings | DenseAndMulti: ...
 
     async def encode_image(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], *,
                            task: str = "retrieval", truncate_dim: int | None = None, return_multivector: bool = False,
-                           return_dense: bool = False, batch_size: int = 8,
-                           show_progress: bool | None = None) -> Embeddings | DenseAndMulti:
+                           return_dense: bool = False, batch_size: int = 8, show_progress: bool | None = None,
+                           pool_factor: int | None = None) -> Embeddings | DenseAndMulti:
         """Embed images given as paths, PIL images, bytes, base64/data URIs or URLs; a list or tuple
-        gives one result per image, anything else one result (outputs as in :meth:`encode_text`)."""
+        gives one result per image, anything else one result (outputs and ``pool_factor`` as in :meth:`encode_text`)."""
         single = not isinstance(images, (list, tuple))
         values = [images] if not isinstance(images, (list, tuple)) else list(images)
-        options = _options(task, "query", truncate_dim, return_multivector, False, return_dense=return_dense)
+        options = _options(task, "query", truncate_dim, return_multivector, False, return_dense=return_dense,
+                           pool_factor=pool_factor)
         items: list[Item] = [await self._image(value, index) for index, value in enumerate(values)]
         result = await self._run(items, options, batch_size, show_progress)
         return _one(result) if single else result
@@ -218,30 +233,31 @@ class AsyncClient:
     @overload
     async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
                          return_multivector: Literal[False] = ..., pages: PageSelection = ..., batch_size: int = ...,
-                         show_progress: bool | None = ...) -> np.ndarray: ...
+                         show_progress: bool | None = ..., pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: None = ...,
                          return_multivector: Literal[True], pages: PageSelection = ..., batch_size: int = ...,
-                         show_progress: bool | None = ...) -> list[np.ndarray]: ...
+                         show_progress: bool | None = ..., pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     async def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
                          return_multivector: bool = ..., pages: PageSelection = ..., batch_size: int = ...,
-                         show_progress: bool | None = ...) -> Embeddings: ...
+                         show_progress: bool | None = ..., pool_factor: int | None = ...) -> Embeddings: ...
 
     async def encode_pdf(self, pdf: PdfSource, *, task: str = "retrieval", truncate_dim: int | None = None,
                          return_multivector: bool = False, pages: PageSelection = None, batch_size: int = 8,
-                         show_progress: bool | None = None) -> Embeddings:
+                         show_progress: bool | None = None, pool_factor: int | None = None) -> Embeddings:
         """Embed the pages of one PDF (path, bytes, base64/data URI or URL), in page order.
 
         ``pages`` selects pages ("1-3,7" or [1, 2, 3]); default: all. Pages are rendered at the
         server's ``render_dpi`` (in-process for direct clients) and sent ``batch_size`` per
         request, with a progress bar over pages. The file is uploaded once: the first request
         asks the router to keep it, the others name it by its SHA-256. [pages, d] for single
-        vectors, else one [n_tokens, P] matrix per page.
+        vectors, else one [n_tokens, P] matrix per page (``pool_factor``: as in
+        :meth:`encode_text`).
         """
         if batch_size < 1:
             raise InvalidRequestError("batch_size must be at least 1", param="batch_size")
-        options = _options(task, "query", truncate_dim, return_multivector, False)
+        options = _options(task, "query", truncate_dim, return_multivector, False, pool_factor=pool_factor)
         plan = await self._pdf(pdf, pages, 0)
         chunks = [plan.pages[i:i + batch_size] for i in range(0, len(plan.pages), batch_size)]
 
@@ -252,18 +268,23 @@ class AsyncClient:
         results = await self._send_chunks(chunks, send, show_progress, unit="page", desc="Encoding PDF",
                                           first_alone=True)
         flat = [vector for result in results for vector in result.embeddings]
-        return flat if options.multivector else np.stack(flat)
+        return flat if options.output is OutputKind.MULTI else np.stack(flat)
 
     async def rerank(self, query: Any, documents: Sequence[Any], *, top_n: int | None = None,
                      return_documents: bool = False, task: str = "retrieval", scoring: Scoring = "maxsim",
-                     truncate: bool = False) -> list[RerankHit]:
+                     truncate: bool = False, pool_factor: int | None = None) -> list[RerankHit]:
         """Documents ordered by relevance to ``query``, best first (the router's /v1/rerank).
 
         The query is a string, ``{"text": ...}``, ``{"image": src}`` or a PIL image; documents are
         those or ``{"pdf": src, "pages": "1-3"}`` / a ``Path`` to a ``.pdf`` (a PDF ranks as its
         best page, named by ``hit.page``). ``src`` is a path, bytes, base64, data URI or URL.
         ``scoring``: ``maxsim`` (multi-vector late interaction) or ``dense`` (cosine).
+        ``pool_factor``: MaxSim over the documents' token-pooled rows (the query keeps all of its own).
         """
+        if pool_factor is not None and (isinstance(pool_factor, bool) or not isinstance(pool_factor, int)
+                                        or pool_factor < 1 or scoring != "maxsim"):
+            raise InvalidRequestError("pool_factor must be an int of at least 1, with scoring='maxsim'",
+                                      param="pool_factor")
         query_item = await self._rerank_item(query, 0, lambda _: "query")
         if isinstance(query_item, PdfInput):
             raise InvalidRequestError("the query must be a text or an image, not a PDF", param="query")
@@ -271,7 +292,7 @@ class AsyncClient:
         if not items:
             raise InvalidRequestError("documents is empty; send at least one document", param="documents")
         hits = await self._sender.rerank(query_item, items, task=task, scoring=scoring, truncate=truncate,
-                                         top_n=top_n)
+                                         top_n=top_n, pool_factor=pool_factor)
         if return_documents:
             for hit in hits:
                 hit.document = documents[hit.index]
@@ -332,9 +353,9 @@ class AsyncClient:
 
         results = await self._send_chunks(chunks, send, show_progress, unit="item", desc="Encoding")
         flat = [vector for result in results for vector in result.embeddings]
-        if options.dense_and_multivector:
+        if options.output is OutputKind.BOTH:
             return DenseAndMulti(np.stack(flat), [m for result in results for m in result.multivectors or []])
-        return flat if options.multivector else np.stack(flat)
+        return flat if options.output is OutputKind.MULTI else np.stack(flat)
 
     async def _send_chunks(self, chunks: Sequence[Sequence[Any]], send: Callable[[Any], Awaitable[EmbedResult]],
                            show_progress: bool | None, *, unit: str, desc: str,

@@ -24,14 +24,13 @@ def is_http_url(value: object) -> bool:
 
 async def fetch_own_url(url: str, *, max_bytes: int, timeout_s: float, index: int, what: str = "image") -> bytes:
     """GET ``url`` following redirects; a failure is a 4xx error naming ``input[index]``."""
-    param = f"input[{index}]"
-    too_large = PayloadTooLargeError(f"{param}: the {what} at the URL is larger than {max_bytes} bytes", param=param)
+    too_large = PayloadTooLargeError.about(index, f"the {what} at the URL is larger than {max_bytes} bytes")
     try:
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as http:
             async with http.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise InvalidRequestError(f"{param}: fetching the {what} URL answered HTTP "
-                                              f"{response.status_code}", param=param, code="image_fetch_failed")
+                    raise InvalidRequestError.about(index, f"fetching the {what} URL answered HTTP "
+                                                    f"{response.status_code}", code="image_fetch_failed")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise too_large
@@ -42,5 +41,5 @@ async def fetch_own_url(url: str, *, max_bytes: int, timeout_s: float, index: in
                         raise too_large
                 return bytes(body)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise InvalidRequestError(f"{param}: fetching the {what} URL failed ({type(exc).__name__}: {exc})",
-                                  param=param, code="image_fetch_failed") from exc
+        raise InvalidRequestError.about(index, f"fetching the {what} URL failed ({type(exc).__name__}: {exc})",
+                                        code="image_fetch_failed") from exc

@@ -26,7 +26,7 @@ from jv4_vllm.core.scoring import (
     rename_inputs,
     score_documents,
 )
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, TextInput
 from jv4_vllm.core.wire import decode_embedding_item
 from jv4_vllm.errors import (
     PDF_NOT_KEPT,
@@ -75,15 +75,17 @@ class RouterSender:
             "input": inputs,
             "task": f"{options.task}.{options.role}" if options.task != "text-matching" else options.task,
             "embedding_type": "base64",
-            "return_multivector": options.multivector,
+            "return_multivector": options.output.multi,
             "truncate": options.truncate,
         }
         if options.dimensions is not None:
             body["dimensions"] = options.dimensions
         if options.late_chunking:
             body["late_chunking"] = True
-        if options.dense_and_multivector:
+        if options.output is OutputKind.BOTH:
             body["return_dense"] = True
+        if options.pool_factor is not None:
+            body["multivector_pool_factor"] = options.pool_factor
         return body
 
     async def post(self, body: bytes, url: str | None = None) -> httpx.Response:
@@ -146,13 +148,15 @@ class RouterSender:
             prompt_tokens=int(payload.get("usage", {}).get("prompt_tokens", 0))))
 
     async def rerank(self, query: Item, documents: list[Item | PdfInput], *, task: str, scoring: Scoring,
-                     truncate: bool, top_n: int | None) -> list[RerankHit]:
+                     truncate: bool, top_n: int | None, pool_factor: int | None = None) -> list[RerankHit]:
         """The router's /v1/rerank ranking, best first."""
         body: dict[str, Any] = {"model": self._model, "task": task, "query": _item_payload(query),
                                 "documents": [_item_payload(d) for d in documents], "scoring": scoring,
                                 "truncate": truncate, "return_documents": False}
         if top_n is not None:
             body["top_n"] = top_n
+        if pool_factor is not None:
+            body["multivector_pool_factor"] = pool_factor
         response = await self.post(orjson.dumps(body), self._rerank_url)
         return parse_answer(response, lambda payload: [
             RerankHit(int(r["index"]), float(r["relevance_score"]), r.get("page")) for r in payload["results"]])
@@ -210,7 +214,7 @@ class EngineSender:
         return await self._engine.embed(list(rendered.images), options)
 
     async def rerank(self, query: Item, documents: list[Item | PdfInput], *, task: str, scoring: Scoring,
-                     truncate: bool, top_n: int | None) -> list[RerankHit]:
+                     truncate: bool, top_n: int | None, pool_factor: int | None = None) -> list[RerankHit]:
         """The same scoring as the router's /v1/rerank, in-process."""
         limits = self._engine.config.limits
         ready: list[Item | RenderedPdf] = []
@@ -219,7 +223,8 @@ class EngineSender:
                 ready.append(await _render(document, limits, index) if isinstance(document, PdfInput) else document)
             except Jv4Error as error:
                 raise rename_inputs(error, lambda i: f"documents[{i}]") from None
-        scores = await score_documents(self._engine, query, ready, task=task, scoring=scoring, truncate=truncate)
+        scores = await score_documents(self._engine, query, ready, task=task, scoring=scoring, truncate=truncate,
+                                       pool_factor=pool_factor)
         return [RerankHit(i, float(scores.scores[i]), scores.pages[i]) for i in ranking(scores.scores, top_n)]
 
     async def aclose(self) -> None:

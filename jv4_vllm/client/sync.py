@@ -69,94 +69,110 @@ class Client:
     def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                     truncate_dim: int | None = ..., return_multivector: Literal[False] = ...,
                     return_dense: bool = ..., batch_size: int = ..., show_progress: bool | None = ...,
-                    truncate: bool = ..., late_chunking: bool = ...) -> np.ndarray: ...
+                    truncate: bool = ..., late_chunking: bool = ...,
+                    pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     def encode_text(self, texts: str, *, task: str = ..., prompt_name: Role = ..., truncate_dim: None = ...,
                     return_multivector: Literal[True], return_dense: Literal[False] = ..., batch_size: int = ...,
                     show_progress: bool | None = ..., truncate: bool = ...,
-                    late_chunking: bool = ...) -> np.ndarray: ...
+                    late_chunking: bool = ...,
+                    pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     def encode_text(self, texts: Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                     truncate_dim: None = ..., return_multivector: Literal[True], return_dense: Literal[False] = ...,
                     batch_size: int = ..., show_progress: bool | None = ..., truncate: bool = ...,
-                    late_chunking: bool = ...) -> list[np.ndarray]: ...
+                    late_chunking: bool = ...,
+                    pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                     truncate_dim: int | None = ..., return_multivector: Literal[True], return_dense: Literal[True],
                     batch_size: int = ..., show_progress: bool | None = ..., truncate: bool = ...,
-                    late_chunking: bool = ...) -> DenseAndMulti: ...
+                    late_chunking: bool = ...,
+                    pool_factor: int | None = ...) -> DenseAndMulti: ...
     @overload
     def encode_text(self, texts: str | Sequence[str], *, task: str = ..., prompt_name: Role = ...,
                     truncate_dim: int | None = ..., return_multivector: bool = ..., return_dense: bool = ...,
                     batch_size: int = ..., show_progress: bool | None = ..., truncate: bool = ...,
-                    late_chunking: bool = ...) -> Embeddings | DenseAndMulti: ...
+                    late_chunking: bool = ...,
+                    pool_factor: int | None = ...) -> Embeddings | DenseAndMulti: ...
 
     def encode_text(self, texts: str | Sequence[str], *, task: str = "retrieval", prompt_name: Role = "query",
                     truncate_dim: int | None = None, return_multivector: bool = False, return_dense: bool = False,
                     batch_size: int = 32, show_progress: bool | None = None, truncate: bool = False,
-                    late_chunking: bool = False) -> Embeddings | DenseAndMulti:
+                    late_chunking: bool = False, pool_factor: int | None = None) -> Embeddings | DenseAndMulti:
         """See :meth:`AsyncClient.encode_text`."""
         return self._call(self._client().encode_text(
             texts, task=task, prompt_name=prompt_name, truncate_dim=truncate_dim,
             return_multivector=return_multivector, return_dense=return_dense, batch_size=batch_size,
-            show_progress=show_progress, truncate=truncate, late_chunking=late_chunking))
+            show_progress=show_progress, truncate=truncate, late_chunking=late_chunking,
+            pool_factor=pool_factor))
 
     @overload
     def encode_image(self, images: Images, *, task: str = ..., truncate_dim: int | None = ...,
                      return_multivector: Literal[False] = ..., return_dense: bool = ..., batch_size: int = ...,
-                     show_progress: bool | None = ...) -> np.ndarray: ...
+                     show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     def encode_image(self, images: ImageSource, *, task: str = ..., truncate_dim: None = ...,
                      return_multivector: Literal[True], return_dense: Literal[False] = ..., batch_size: int = ...,
-                     show_progress: bool | None = ...) -> np.ndarray: ...
+                     show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     def encode_image(self, images: list[ImageSource] | tuple[ImageSource, ...], *, task: str = ...,
                      truncate_dim: None = ..., return_multivector: Literal[True], return_dense: Literal[False] = ...,
-                     batch_size: int = ..., show_progress: bool | None = ...) -> list[np.ndarray]: ...
+                     batch_size: int = ..., show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     def encode_image(self, images: Images, *, task: str = ..., truncate_dim: int | None = ...,
                      return_multivector: Literal[True], return_dense: Literal[True], batch_size: int = ...,
-                     show_progress: bool | None = ...) -> DenseAndMulti: ...
+                     show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> DenseAndMulti: ...
     @overload
     def encode_image(self, images: Images, *, task: str = ..., truncate_dim: int | None = ...,
                      return_multivector: bool = ..., return_dense: bool = ..., batch_size: int = ...,
-                     show_progress: bool | None = ...) -> Embeddings | DenseAndMulti: ...
+                     show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> Embeddings | DenseAndMulti: ...
 
     def encode_image(self, images: Images, *, task: str = "retrieval", truncate_dim: int | None = None,
                      return_multivector: bool = False, return_dense: bool = False, batch_size: int = 8,
-                     show_progress: bool | None = None) -> Embeddings | DenseAndMulti:
+                     show_progress: bool | None = None, pool_factor: int | None = None) -> Embeddings | DenseAndMulti:
         """See :meth:`AsyncClient.encode_image`."""
         return self._call(self._client().encode_image(
             images, task=task, truncate_dim=truncate_dim, return_multivector=return_multivector,
-            return_dense=return_dense, batch_size=batch_size, show_progress=show_progress))
+            return_dense=return_dense, batch_size=batch_size, show_progress=show_progress,
+            pool_factor=pool_factor))
 
     @overload
     def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
                    return_multivector: Literal[False] = ..., pages: PageSelection = ..., batch_size: int = ...,
-                   show_progress: bool | None = ...) -> np.ndarray: ...
+                   show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> np.ndarray: ...
     @overload
     def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: None = ...,
                    return_multivector: Literal[True], pages: PageSelection = ..., batch_size: int = ...,
-                   show_progress: bool | None = ...) -> list[np.ndarray]: ...
+                   show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> list[np.ndarray]: ...
     @overload
     def encode_pdf(self, pdf: PdfSource, *, task: str = ..., truncate_dim: int | None = ...,
                    return_multivector: bool = ..., pages: PageSelection = ..., batch_size: int = ...,
-                   show_progress: bool | None = ...) -> Embeddings: ...
+                   show_progress: bool | None = ...,
+                    pool_factor: int | None = ...) -> Embeddings: ...
 
     def encode_pdf(self, pdf: PdfSource, *, task: str = "retrieval", truncate_dim: int | None = None,
                    return_multivector: bool = False, pages: PageSelection = None, batch_size: int = 8,
-                   show_progress: bool | None = None) -> Embeddings:
+                   show_progress: bool | None = None, pool_factor: int | None = None) -> Embeddings:
         """See :meth:`AsyncClient.encode_pdf`."""
         return self._call(self._client().encode_pdf(
             pdf, task=task, truncate_dim=truncate_dim, return_multivector=return_multivector, pages=pages,
-            batch_size=batch_size, show_progress=show_progress))
+            batch_size=batch_size, show_progress=show_progress, pool_factor=pool_factor))
 
     def rerank(self, query: Any, documents: Sequence[Any], *, top_n: int | None = None,
                return_documents: bool = False, task: str = "retrieval", scoring: Scoring = "maxsim",
-               truncate: bool = False) -> list[RerankHit]:
+               truncate: bool = False, pool_factor: int | None = None) -> list[RerankHit]:
         """See :meth:`AsyncClient.rerank`."""
         return self._call(self._client().rerank(query, documents, top_n=top_n, return_documents=return_documents,
-                                                task=task, scoring=scoring, truncate=truncate))
+                                                task=task, scoring=scoring, truncate=truncate,
+                                                pool_factor=pool_factor))
 
     def close(self) -> None:
         if self._async is not None:

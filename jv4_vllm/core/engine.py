@@ -26,7 +26,8 @@ from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.replicas import BackendRejection, ReplicaPool, ReplicaStats
 from jv4_vllm.core.spec import TaskSpec, load_task_spec
 from jv4_vllm.core.stream import BodyFolder, RowSink, parse_metadata
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item
+from jv4_vllm.core.token_pooling import pool_rows
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind
 from jv4_vllm.core.wire import pooling_wire_fields
 from jv4_vllm.errors import BackendError, InvalidRequestError, PayloadTooLargeError
 
@@ -144,7 +145,8 @@ class Engine:
 
             await all_or_first_error(run(call) for call in plan.calls)  # one failure cancels the rest
         rows = sum(output.rows for output in plan.outputs)
-        if rows > INLINE_FINISH_ROWS:
+        if rows > INLINE_FINISH_ROWS or (options.output.multi and self.pool_factor(options) > 1):
+            # token pooling is clustering: never on the event loop
             return await asyncio.to_thread(self._finish, runtime, plan, options, used)
         return self._finish(runtime, plan, options, used)
 
@@ -190,18 +192,24 @@ class Engine:
 
     @staticmethod
     def _rejection_error(rejection: BackendRejection, call: Call) -> Exception:
-        where = ", ".join(f"input[{i}]" for i in call.inputs[:8])
+        where = call.inputs[:8]
         if rejection.status in (400, 413, 422):  # about the input; 401/404 mean a misconfigured deployment
             kind = "the image" if call.is_image else "the input"
-            return InvalidRequestError(f"{where}: the model rejected {kind}: {rejection.message}",
-                                       param=f"input[{call.inputs[0]}]")
-        return BackendError(f"{where}: the backend answered {rejection.status}: {rejection.message}")
+            return InvalidRequestError.about(where, f"the model rejected {kind}: {rejection.message}")
+        return BackendError.about(where, f"the backend answered {rejection.status}: {rejection.message}")
+
+    def pool_factor(self, options: EmbedOptions) -> int:
+        """The token pooling factor of ``options``' multi-vectors: theirs, else the config's default."""
+        if options.pool_factor is not None:
+            return options.pool_factor
+        return self.config.defaults.multivector_pool_factor
 
     def _finish(self, runtime: TaskRuntime, plan: Plan, options: EmbedOptions, used: int) -> EmbedResult:
         """The plan's folds -> one array per input, in input order."""
         singles: list[np.ndarray | None] = [None] * plan.inputs
         multis: list[np.ndarray | None] = [None] * plan.inputs
         dims = runtime.spec.matryoshka_dims
+        factor = self.pool_factor(options)
         for output in plan.outputs:
             fold = output.fold
             if fold is None:
@@ -211,16 +219,16 @@ class Engine:
                     singles[index] = _finite(vector, index)
             if output.multi:
                 for index, matrix in zip(output.inputs, fold.multi_vectors()):
-                    multis[index] = _finite(matrix, index)
-        if options.dense_and_multivector:
+                    multis[index] = pool_rows(_finite(matrix, index), factor)
+        if options.output is OutputKind.BOTH:
             return EmbedResult(embeddings=singles, multivectors=multis, prompt_tokens=used)  # type: ignore[arg-type]
-        chosen = multis if options.multivector else singles
+        chosen = multis if options.output is OutputKind.MULTI else singles
         return EmbedResult(embeddings=chosen, prompt_tokens=used)  # type: ignore[arg-type]
 
     def pool(self, task: str, rows: np.ndarray, *, is_image: bool, options: EmbedOptions) -> np.ndarray:
         """One input's hidden states -> its embedding, as :meth:`embed` pools them (for rows fetched elsewhere)."""
         runtime = self.runtime(task)
-        output = Output(inputs=[0], single=not options.multivector, multi=options.multivector)
+        output = Output(inputs=[0], single=options.output.single, multi=options.output.multi)
         fold = self._planner.fold_for(runtime, output, rows.shape[0], is_image)
         WindowSink(fold).feed(0, np.asarray(rows))
         plan = Plan(calls=[], outputs=[output], inputs=1, tokens=rows.shape[0])
@@ -235,6 +243,6 @@ def _withdraw(sinks: dict[int, RowSink]) -> None:
 def _finite(values: np.ndarray, index: int) -> np.ndarray:
     """A vector pooled from inf or NaN hidden states is garbage: refuse it rather than serve it."""
     if not np.isfinite(values).all():
-        raise BackendError(f"input[{index}]: the backend's hidden states hold inf or NaN (an fp16 overflow "
-                           "in the model? serve it in bfloat16 or float32)", param=f"input[{index}]")
+        raise BackendError.about(index, "the backend's hidden states hold inf or NaN (an fp16 overflow "
+                                 "in the model? serve it in bfloat16 or float32)")
     return values

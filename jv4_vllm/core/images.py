@@ -51,16 +51,12 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_REDIRECTS = 3
 
 
-def _param(index: int) -> str:
-    return f"input[{index}]"
-
-
 def _invalid(index: int, message: str, code: str | None = None) -> InvalidRequestError:
-    return InvalidRequestError(f"{_param(index)}: {message}", param=_param(index), code=code)
+    return InvalidRequestError.about(index, message, code=code)
 
 
 def _too_large(index: int, message: str) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"{_param(index)}: {message}", param=_param(index))
+    return PayloadTooLargeError.about(index, message)
 
 
 def _check_byte_size(size: int, limits: LimitsConfig, index: int) -> None:

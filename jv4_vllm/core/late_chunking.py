@@ -94,9 +94,9 @@ def _char_starts(prefix: str, texts: Sequence[str]) -> np.ndarray:
 
 def _no_tokens(index: int, cut: bool, max_tokens: int) -> InvalidRequestError:
     if cut:
-        message = (f"input[{index}] has no tokens left: the joined late-chunking prompt is cut at the maximum of "
+        message = (f"has no tokens left: the joined late-chunking prompt is cut at the maximum of "
                    f"{max_tokens} tokens before it; send fewer or shorter inputs, or truncate=false")
     else:
-        message = (f"input[{index}] has no tokens of its own in the joined late-chunking prompt (its characters "
+        message = ("has no tokens of its own in the joined late-chunking prompt (its characters "
                    "join the token before it); merge it with its neighbour")
-    return InvalidRequestError(message, param=f"input[{index}]")
+    return InvalidRequestError.about(index, message, sep=" ")

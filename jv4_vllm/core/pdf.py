@@ -87,16 +87,12 @@ class RenderedPdf:
     images: tuple[ImageInput, ...]
 
 
-def _param(index: int) -> str:
-    return f"input[{index}]"
-
-
-def _invalid(index: int, message: str, code: str = "invalid_pdf", param: str | None = None) -> InvalidRequestError:
-    return InvalidRequestError(f"{param or _param(index)}: {message}", param=param or _param(index), code=code)
+def _invalid(index: int, message: str, code: str = "invalid_pdf", suffix: str = "") -> InvalidRequestError:
+    return InvalidRequestError.about(index, message, code=code, suffix=suffix)
 
 
 def _too_large(index: int, message: str, code: str = "payload_too_large") -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"{_param(index)}: {message}", param=_param(index), code=code)
+    return PayloadTooLargeError.about(index, message, code=code)
 
 
 # --- page selections --------------------------------------------------------------------
@@ -106,7 +102,7 @@ def parse_pages(selection: PageSelection, page_count: int, index: int) -> tuple[
     """``"1-3,7"`` (also ``"5-"``, ``"-2"``, or a list of numbers) -> ascending unique 1-based pages."""
     if selection is None:
         return tuple(range(1, page_count + 1))
-    param = f"{_param(index)}.pages"
+    param = ".pages"  # errors point at the input's page selection
     if isinstance(selection, str) and not selection.strip():
         raise _invalid(index, "the page selection is empty; leave it out for every page", "invalid_pages", param)
     parts = [str(p) for p in selection] if not isinstance(selection, str) else selection.split(",")

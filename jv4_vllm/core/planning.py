@@ -18,7 +18,7 @@ from jv4_vllm.config import Config
 from jv4_vllm.core.folds import SpanFold, WindowSink
 from jv4_vllm.core.prompts import PromptBuilder
 from jv4_vllm.core.stream import RowSink
-from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, TextInput
+from jv4_vllm.core.types import EmbedOptions, ImageInput, Item, OutputKind, TextInput
 from jv4_vllm.errors import BackendError, InputTooLongError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -80,14 +80,12 @@ class Planner:
             elif isinstance(item, ImageInput):
                 images.append((index, item))
             else:
-                raise InvalidRequestError(f"input[{index}] is neither text nor image", param=f"input[{index}]")
-        want_single = options.dense_and_multivector or not options.multivector
-        want_multi = options.dense_and_multivector or options.multivector
+                raise InvalidRequestError.about(index, "is neither text nor image", sep=" ")
+        want_single, want_multi = options.output.single, options.output.multi
         if options.late_chunking:
             if images:
                 index = images[0][0]
-                raise InvalidRequestError(f"input[{index}]: late chunking takes texts only, not images",
-                                          param=f"input[{index}]")
+                raise InvalidRequestError.about(index, "late chunking takes texts only, not images")
             return await self._late_chunking_plan(runtime, [t for _, t in texts], options, want_single, want_multi)
         plan = Plan(calls=[], outputs=[], inputs=len(items))
         if texts:
@@ -104,7 +102,7 @@ class Planner:
 
     def _check_options(self, runtime: TaskRuntime, options: EmbedOptions) -> None:
         spec = runtime.spec
-        if options.multivector and options.dimensions is not None and not options.dense_and_multivector:
+        if options.output is OutputKind.MULTI and options.dimensions is not None:
             raise InvalidRequestError(
                 f"dimensions cannot be combined with return_multivector (multi-vectors are {spec.projector_dim}-d)",
                 param="dimensions")
@@ -112,6 +110,13 @@ class Planner:
             raise InvalidRequestError(
                 f"dimensions={options.dimensions} is not supported; use one of {list(spec.matryoshka_dims)}",
                 param="dimensions")
+        if options.pool_factor is not None:
+            if options.pool_factor < 1:
+                raise InvalidRequestError(f"multivector_pool_factor must be at least 1, got {options.pool_factor}",
+                                          param="multivector_pool_factor")
+            if not options.output.multi:
+                raise InvalidRequestError("multivector_pool_factor pools multi-vector rows: send it with "
+                                          "return_multivector", param="multivector_pool_factor")
         if options.role not in spec.prefixes:
             raise InvalidRequestError(f"unknown role {options.role!r}", param="task")
 
@@ -138,9 +143,9 @@ class Planner:
         for index, ids in zip(indices, token_ids):
             if len(ids) > limit:
                 if not truncate:
-                    raise InputTooLongError(
-                        f"input[{index}] has more than the maximum of {limit} tokens; shorten it or send "
-                        "truncate=true", param=f"input[{index}]")
+                    raise InputTooLongError.about(
+                        index, f"has more than the maximum of {limit} tokens; shorten it or send truncate=true",
+                        sep=" ")
                 ids = ids[:limit]
             output = Output(inputs=[index], single=single, multi=multi, rows=len(ids))
             output.fold = _fold(runtime, output, [(0, len(ids))], [(0, len(ids))])
@@ -183,7 +188,7 @@ class Planner:
             try:
                 return WindowSink(self.fold_for(runtime, output, rows, is_image=True))
             except ValueError as exc:
-                raise BackendError(f"the backend's answer for input[{output.inputs[0]}] is malformed ({exc})") from None
+                raise BackendError.about(output.inputs[0], f"the backend's answer is malformed ({exc})") from None
         return make
 
 
@@ -204,11 +209,10 @@ def _fixed_sink(fold: SpanFold, expected: int, *, offset: int = 0, keep_from: in
 
 def _check_text(index: int, text: str) -> None:
     if not text or not text.strip():
-        raise InvalidRequestError(f"input[{index}] is an empty string", param=f"input[{index}]")
+        raise InvalidRequestError.about(index, "is an empty string", sep=" ")
     if not text.isascii():  # JSON can carry lone surrogates; no tokenizer takes them
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                f"input[{index}] is not valid Unicode text (lone surrogate at position {exc.start})",
-                param=f"input[{index}]") from None
+            raise InvalidRequestError.about(
+                index, f"is not valid Unicode text (lone surrogate at position {exc.start})", sep=" ") from None

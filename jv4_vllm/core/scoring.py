@@ -14,7 +14,6 @@ role, numpy scoring in a worker thread. A PDF document scores as its best page.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,8 +24,8 @@ from jv4_vllm.core.concurrency import all_or_first_error
 from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import RenderedPdf
 from jv4_vllm.core.pooling import EPS
-from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, Role
-from jv4_vllm.errors import Jv4Error
+from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, OutputKind, Role
+from jv4_vllm.errors import InvalidRequestError, Jv4Error
 
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
@@ -39,6 +38,7 @@ __all__ = [
     "cosine_scores",
     "maxsim",
     "maxsim_scores",
+    "packed_bits",
     "ranking",
     "rename_inputs",
     "score_documents",
@@ -48,7 +48,7 @@ Scoring = Literal["maxsim", "dense"]
 # Similarity blocks are bounded in size: an image query (hundreds of rows) against a thousand
 # page images would otherwise be a matrix of hundreds of millions of floats.
 _BLOCK_ELEMENTS = 1 << 22
-_INPUT_REF = re.compile(r"input\[(\d+)\]")
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)  # set bits per byte
 
 
 def _rows(matrix: np.ndarray, name: str) -> np.ndarray:
@@ -58,8 +58,45 @@ def _rows(matrix: np.ndarray, name: str) -> np.ndarray:
     return rows
 
 
+def packed_bits(rows: np.ndarray) -> np.ndarray | None:
+    """Packed sign bits as uint8 (``ubinary`` as it is; ``binary``, int8, plus 128), or None for float rows."""
+    array = np.asarray(rows)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.int8:
+        return (array.astype(np.int16) + 128).astype(np.uint8)
+    return None
+
+
+def _hamming_maxsim(query_rows: np.ndarray, doc_bits: np.ndarray) -> float:
+    doc = np.atleast_2d(doc_bits)
+    query = packed_bits(query_rows)
+    if query is None:  # a float query is binarised as the service packs rows: bit set where the value > 0
+        query = np.packbits(_rows(query_rows, "query_rows") > 0, axis=-1)
+    query = np.atleast_2d(query)
+    if doc.shape[0] == 0 or query.shape[0] == 0 or query.shape[1] != doc.shape[1]:
+        raise ValueError(f"query bits {query.shape} and document bits {doc.shape} do not match")
+    bits = doc.shape[1] * 8
+    best = np.full(query.shape[0], bits, dtype=np.int64)
+    step = max(1, _BLOCK_ELEMENTS // max(1, query.shape[0] * doc.shape[1]))
+    for start in range(0, doc.shape[0], step):
+        distances = _POPCOUNT[query[:, None, :] ^ doc[None, start:start + step, :]].sum(axis=2, dtype=np.int64)
+        np.minimum(best, distances.min(axis=1), out=best)
+    return float((1.0 - 2.0 * best / bits).sum(dtype=np.float64))
+
+
 def maxsim(query_rows: np.ndarray, doc_rows: np.ndarray) -> float:
-    """Sum over the query's rows of the best dot product with any of the document's rows."""
+    """Sum over the query's rows of the best dot product with any of the document's rows.
+
+    Packed binary documents (``embedding_type`` ``binary`` as int8 or ``ubinary`` as uint8,
+    [rows, P/8]) are scored by Hamming similarity, as Vespa ranks binary ColPali rows: a
+    query row's best match is the document row with the fewest differing sign bits ``h``, and
+    it adds ``1 - 2h/P`` (the dot product of the two rows' ±1 sign vectors over P). A float
+    query is binarised first (bit set where the value is > 0); a packed query is used as is.
+    """
+    bits = packed_bits(doc_rows)
+    if bits is not None:
+        return _hamming_maxsim(query_rows, bits)
     query, doc = _rows(query_rows, "query_rows"), _rows(doc_rows, "doc_rows")
     if query.shape[1] != doc.shape[1]:
         raise ValueError(f"query rows are {query.shape[1]}-d but document rows are {doc.shape[1]}-d")
@@ -107,15 +144,9 @@ def ranking(scores: np.ndarray | Sequence[float], top_n: int | None = None) -> l
 
 
 def rename_inputs(error: Jv4Error, name: Callable[[int], str]) -> Jv4Error:
-    """Rewrite ``input[i]`` in an error's message and param as ``name(i)`` (e.g. ``documents[2]``)."""
-    def swap(match: re.Match[str]) -> str:
-        return name(int(match.group(1)))
-
-    error.message = _INPUT_REF.sub(swap, error.message)
-    error.args = (error.message,)
-    if error.param is not None:
-        error.param = _INPUT_REF.sub(swap, error.param)
-    return error
+    """Name the inputs an error is about (its :attr:`~jv4_vllm.errors.Jv4Error.inputs`, engine
+    positions) as ``name(i)``, e.g. ``documents[2]``; its text is left as it is."""
+    return error.relabel(name)
 
 
 @dataclass(slots=True)
@@ -142,20 +173,27 @@ def _score(query: np.ndarray, documents: list[np.ndarray], scoring: Scoring) -> 
 
 
 async def score_documents(engine: Engine, query: Item, documents: Sequence[Item | RenderedPdf], *,
-                          task: str, scoring: Scoring = "maxsim", truncate: bool = False) -> DocumentScores:
+                          task: str, scoring: Scoring = "maxsim", truncate: bool = False,
+                          pool_factor: int | None = None) -> DocumentScores:
     """Embed the query (query role) and every document or page (passage role) once, then score.
 
-    Errors name ``query`` and ``documents[i]`` rather than engine input positions.
+    ``pool_factor`` pools the documents' multi-vectors (None: the engine's default); the query
+    keeps every row, as the token-pooling papers score. Errors name ``query`` and
+    ``documents[i]`` rather than engine input positions.
     """
+    if pool_factor is not None and scoring != "maxsim":
+        raise InvalidRequestError("the documents' pool factor applies to maxsim scoring only",
+                                  param="multivector_pool_factor")
     layout = PageLayout(len(documents), {i: d.pages for i, d in enumerate(documents) if isinstance(d, RenderedPdf)})
     flat = [part for d in documents for part in (d.images if isinstance(d, RenderedPdf) else (d,))]
     owners = layout.owners()
-    multivector = scoring == "maxsim"
-    options = EmbedOptions(task=task, role="query", multivector=multivector, truncate=truncate)
+    output = OutputKind.MULTI if scoring == "maxsim" else OutputKind.SINGLE
+    options = EmbedOptions(task=task, role="query", output=output, truncate=truncate)
 
     async def embed(items: list[Item], role: Role, name: Callable[[int], str]) -> EmbedResult:
+        factor = (1 if role == "query" else pool_factor) if output is OutputKind.MULTI else None
         try:
-            return await engine.embed(items, replace(options, role=role))
+            return await engine.embed(items, replace(options, role=role, pool_factor=factor))
         except Jv4Error as error:
             raise rename_inputs(error, name) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from jv4_vllm.errors import InvalidRequestError
 
-__all__ = ["TASK_NAMES", "EmbedOptions", "EmbedResult", "ImageInput", "Item", "Role", "TextInput", "parse_task"]
+__all__ = ["TASK_NAMES", "EmbedOptions", "EmbedResult", "ImageInput", "Item", "OutputKind", "Role", "TextInput", "parse_task"]
 
 # jina-embeddings-v4's task adapters, as its config's task_names lists them. A service serves
 # those its config names; this list is for what cannot ask one (the client, a demo checkpoint).
@@ -37,15 +38,36 @@ class ImageInput:
 Item = TextInput | ImageInput
 
 
+class OutputKind(enum.Enum):
+    """What each input becomes: one pooled vector, one row per token, or both from one pass."""
+
+    SINGLE = "single"
+    MULTI = "multi"
+    BOTH = "both"
+
+    @classmethod
+    def of(cls, multivector: bool, dense: bool = False) -> "OutputKind":
+        """The kind a request's ``return_multivector`` and ``return_dense`` ask for."""
+        return (cls.BOTH if dense else cls.MULTI) if multivector else cls.SINGLE
+
+    @property
+    def single(self) -> bool:
+        return self is not OutputKind.MULTI
+
+    @property
+    def multi(self) -> bool:
+        return self is not OutputKind.SINGLE
+
+
 @dataclass(frozen=True, slots=True)
 class EmbedOptions:
     task: str = "retrieval"
     role: Role = "query"
     dimensions: int | None = None
-    multivector: bool = False
+    output: OutputKind = OutputKind.SINGLE  # BOTH: embeddings = single vectors, multivectors = multi
     truncate: bool = False
     late_chunking: bool = False  # one pass over all texts joined; each input pooled over its own span
-    dense_and_multivector: bool = False  # both outputs from one pass: embeddings = single, multivectors = multi
+    pool_factor: int | None = None  # hierarchical token pooling of multi-vectors; None: the config's default
 
 
 @dataclass(slots=True)
@@ -54,7 +76,7 @@ class EmbedResult:
 
     embeddings: list[np.ndarray]
     prompt_tokens: int
-    multivectors: list[np.ndarray] | None = None  # with dense_and_multivector: each input's multi-vector
+    multivectors: list[np.ndarray] | None = None  # with OutputKind.BOTH: each input's multi-vector
 
 
 def parse_task(value: str, known_tasks: list[str] | tuple[str, ...]) -> tuple[str, Role]:

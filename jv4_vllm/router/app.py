@@ -34,16 +34,18 @@ from jv4_vllm.router.protocol import (
     EmbeddingsResponse,
     ModelCard,
     ModelList,
+    RerankRequest,
+    RerankResponse,
     error_responses,
 )
 from jv4_vllm.router.rendering import render_chunks
 from jv4_vllm.router.request_ids import RequestIdMiddleware
-from jv4_vllm.router.rerank import routes as rerank_routes
 from jv4_vllm.router.serving import (
     decode_gate,
     embed_items,
     large_response,
     request_items,
+    rerank,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +56,9 @@ __all__ = ["create_app", "run"]
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = error_responses()
+RERANK_RESPONSES = error_responses(
+    s400="Invalid request: the message and param name the field, query or documents[i]",
+    s413="Too many documents or PDF pages, or a document over the size limits")
 
 routes = APIRouter()
 
@@ -77,7 +82,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
         result = await embed_items(engine, items, options)
         state.metrics.observe_embed(options.task, items, result.prompt_tokens)
         chunks = render_chunks(result, model=body.model or engine.model_name, embedding_type=body.output_type(),
-                               multivector=options.multivector, pages=items.pages)
+                               output=options.output, pages=items.pages)
         return chunks if large_response(result) else b"".join(chunks)
 
     finished, content = await until_disconnect(request, work())
@@ -86,6 +91,29 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     if isinstance(content, bytes):
         return Response(content, media_type="application/json")
     return StreamingResponse(content, media_type="application/json")  # sync chunks: iterated in worker threads
+
+
+@routes.post("/v1/rerank", response_model=RerankResponse, responses=RERANK_RESPONSES,
+             summary="Rerank documents (texts, images, PDF pages) against a query")
+@routes.post("/rerank", response_model=RerankResponse, responses=RERANK_RESPONSES, include_in_schema=False)
+async def create_rerank(body: RerankRequest, request: Request) -> Response:
+    """jina-embeddings-v4's own scores of every document against the query, best first: MaxSim
+    (default) over the task's multi-vectors, or cosine of single vectors (``scoring: dense``).
+    A PDF ranks as its best page; the query gets the query role, documents the passage role."""
+    state = request.app.state
+
+    async def work() -> bytes:
+        def on_task(task: str) -> None:
+            request.state.task = task
+
+        content, items, tokens = await rerank(body, state.engine, state.config.limits, state.decode_gate, on_task)
+        state.metrics.observe_embed(request.state.task, items, tokens)
+        return content
+
+    finished, content = await until_disconnect(request, work())
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(content, media_type="application/json")
 
 
 @routes.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
@@ -171,7 +199,6 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.state.kept_pdfs = KeptPdfs(config.limits.max_kept_pdf_bytes)
     install_error_handler(app)
     app.include_router(routes)
-    app.include_router(rerank_routes)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.state.byte_budget = ByteBudget(config.limits.max_bytes_in_flight)
     app.add_middleware(AdmissionMiddleware, keys=keys, max_body_bytes=config.limits.max_request_bytes,

@@ -1,8 +1,12 @@
-"""Wire schemas of the router: OpenAI- and Jina-compatible ``/v1/embeddings``.
+"""Wire schemas of the router: OpenAI- and Jina-compatible ``/v1/embeddings`` and ``/v1/rerank``.
 
 Pure pydantic models, no I/O: requests check their own fields and convert themselves into
 engine options (:meth:`EmbeddingsRequest.options`). The response models document the
 shape for OpenAPI; :mod:`jv4_vllm.router.serving` reads inputs and renders responses.
+
+Rerank has the shape Jina, Cohere and vLLM share: ``{model, query, documents, top_n,
+return_documents}`` -> ``{model, usage, results: [{index, relevance_score, document?}]}``,
+best first.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic import (
 )
 
 from jv4_vllm.core.images import has_url_scheme
-from jv4_vllm.core.types import EmbedOptions, parse_task
+from jv4_vllm.core.types import EmbedOptions, OutputKind, Role, parse_task
 from jv4_vllm.core.wire import EmbeddingType
 from jv4_vllm.errors import InvalidRequestError, ModelNotFoundError
 
@@ -41,6 +45,9 @@ __all__ = [
     "PageEmbedding",
     "PagesItem",
     "PdfObject",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
     "TextObject",
     "UrlObject",
     "Usage",
@@ -48,9 +55,11 @@ __all__ = [
     "adapter_task",
     "error_responses",
     "field_path",
+    "resolve_task",
 ]
 
-DEFAULT_TASK = "text-matching"
+DEFAULT_TASK = "text-matching"  # as Jina's API
+RERANK_DEFAULT_TASK = "retrieval"
 
 # Union member tags: they show up in validation error locations and are dropped from them.
 _TAGS = frozenset({"one-string", "list", "string", "text-object", "image-object", "url-object", "bytes-object",
@@ -189,6 +198,11 @@ class EmbeddingsRequest(_Schema):
         False, description="With return_multivector: each item also carries the input's single vector as "
                            "`embedding` (honouring dimensions and embedding_type), from the same vLLM pass. "
                            "Without return_multivector it changes nothing.")
+    multivector_pool_factor: StrictInt | None = Field(
+        None, ge=1, description="With return_multivector: hierarchical token pooling (Ward clusters of each "
+                                "input's rows, their normalised means) down to max(rows // factor, 1) rows; "
+                                "binary/ubinary pack the pooled rows. 1 keeps every row; default: the "
+                                "server's defaults.multivector_pool_factor (1). Per chunk with late_chunking.")
 
     def output_type(self) -> EmbeddingType:
         """One choice under three names: embedding_type, encoding_type (Jina) and encoding_format (OpenAI)."""
@@ -202,24 +216,23 @@ class EmbeddingsRequest(_Schema):
                     param=given[0][0])
         return given[0][1] if given else "float"  # type: ignore[return-value]
 
-    def resolve_task(self, model_name: str, tasks: Sequence[str]) -> tuple[str, str]:
-        """(task, role) from ``task`` and ``model`` (which may name one adapter)."""
-        adapter = adapter_task(self.model, model_name, tasks)
-        if self.task is None:
-            return adapter or (DEFAULT_TASK if DEFAULT_TASK in tasks else tasks[0]), "query"
-        task, role = parse_task(self.task, tasks)
-        if adapter is not None and task != adapter:
-            raise InvalidRequestError(f"task {self.task!r} contradicts model {self.model!r}", param="task")
-        return task, role
-
     def options(self, model_name: str, tasks: Sequence[str]) -> EmbedOptions:
         """The engine options this request asks for (its own fields checked; the engine checks the rest)."""
-        task, role = self.resolve_task(model_name, tasks)
+        task, role = resolve_task(self.model, self.task, model_name, tasks, default=DEFAULT_TASK)
         self.output_type()
+        if self.multivector_pool_factor is not None:
+            if not self.return_multivector:
+                raise InvalidRequestError("multivector_pool_factor pools multi-vector rows: send it with "
+                                          "return_multivector=true", param="multivector_pool_factor")
+            if self.dimensions is not None and not self.return_dense:
+                raise InvalidRequestError(
+                    "multivector_pool_factor cannot be combined with dimensions: pooled rows keep the "
+                    "multi-vector size (dimensions applies to single vectors, with return_dense)",
+                    param="multivector_pool_factor")
         return EmbedOptions(task=task, role=role, dimensions=self.dimensions,  # type: ignore[arg-type]
-                            multivector=self.return_multivector, truncate=self.truncate,
-                            late_chunking=self.late_chunking,
-                            dense_and_multivector=self.return_multivector and self.return_dense)
+                            output=OutputKind.of(self.return_multivector, self.return_dense),
+                            truncate=self.truncate, late_chunking=self.late_chunking,
+                            pool_factor=self.multivector_pool_factor)
 
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
@@ -239,6 +252,26 @@ def error_responses(**overrides: str) -> dict[int | str, dict[str, Any]]:
     replaces one description)."""
     texts = {**ERROR_DESCRIPTIONS, **{int(k[1:]): v for k, v in overrides.items()}}
     return {status: {"model": ErrorResponse, "description": text} for status, text in texts.items()}
+
+
+def resolve_task(model: str | None, task: str | None, model_name: str, tasks: Sequence[str], *,
+                 default: str, fixed_roles: bool = False) -> tuple[str, Role]:
+    """(task, role) from a request's ``task`` and ``model`` (which may name one adapter).
+
+    Without ``task``: the adapter ``model`` names, else ``default``, with the query role.
+    ``fixed_roles`` (rerank) refuses a role in ``task``: the route sets the roles itself.
+    """
+    adapter = adapter_task(model, model_name, tasks)
+    if task is None:
+        return adapter or (default if default in tasks else tasks[0]), "query"
+    if fixed_roles and "." in task:
+        raise InvalidRequestError(
+            f"task {task!r}: rerank sets the roles itself (the query gets the query role, documents "
+            "the passage role); send a bare task such as 'retrieval'", param="task")
+    name, role = parse_task(task, tasks)
+    if adapter is not None and name != adapter:
+        raise InvalidRequestError(f"task {task!r} contradicts model {model!r}", param="task")
+    return name, role
 
 
 def adapter_task(model: str | None, model_name: str, tasks: Sequence[str]) -> str | None:
@@ -261,6 +294,37 @@ def field_path(loc: Sequence[str | int]) -> str | None:
         elif part not in _TAGS:
             path += f".{part}" if path else part
     return path or None
+
+
+class RerankRequest(_Schema):
+    """A query and documents to order by relevance."""
+
+    model: StrictStr | None = Field(
+        None, description="The model name, or one adapter's name `<model>-<task>`; default: the model.")
+    query: InputItem = Field(description='A string, {"text": ...} or an image ({"image": ...}).')
+    documents: list[InputItem] = Field(
+        description='Strings, {"text": ...}, {"image": ...} or {"pdf": ..., "pages": ...} objects (mixed lists '
+                    "allowed). A PDF ranks as its best page.")
+    top_n: StrictInt | None = Field(None, gt=0, description="Return only the best top_n results; default: all.")
+    return_documents: StrictBool = Field(True, description="Echo each result's document as sent.")
+    task: StrictStr | None = Field(
+        None, description="retrieval (default), text-matching or code; roles are fixed (query / passage).")
+    scoring: Literal["maxsim", "dense"] = Field(
+        "maxsim", description="maxsim: late interaction over the task's multi-vectors; dense: cosine of "
+                              "single vectors.")
+    truncate: StrictBool = Field(False, description="Cut over-long texts to the model's maximum instead of failing.")
+    multivector_pool_factor: StrictInt | None = Field(
+        None, ge=1, description="maxsim over the documents' rows pooled as /v1/embeddings pools them "
+                                "(hierarchical token pooling, about 1/factor of the rows); the query keeps "
+                                "every row. Default: the server's defaults.multivector_pool_factor (1).")
+
+    def resolve_task(self, model_name: str, tasks: Sequence[str]) -> str:
+        """The task from ``task`` and ``model``; the roles are the route's."""
+        if self.multivector_pool_factor is not None and self.scoring != "maxsim":
+            raise InvalidRequestError("multivector_pool_factor pools the documents' multi-vectors: it needs "
+                                      "scoring=maxsim", param="multivector_pool_factor")
+        return resolve_task(self.model, self.task, model_name, tasks, default=RERANK_DEFAULT_TASK,
+                            fixed_roles=True)[0]
 
 
 # --- responses ------------------------------------------------------------------------
@@ -322,6 +386,20 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorDetail
     detail: str = Field(description="The same message again, where Jina's client libraries read it.")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="MaxSim (sum over query tokens) or cosine; higher is better.")
+    page: int | None = Field(None, description="For a PDF document: the 1-based page that scored best.")
+    document: dict[str, Any] | None = Field(None, description="The document as sent (return_documents).")
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(description="Identifies this answer (as Jina's, Cohere's and vLLM's rerank answers do).")
+    model: str
+    usage: Usage
+    results: list[RerankResult] = Field(description="Best first; top_n of them when top_n is given.")
 
 
 class ModelCard(BaseModel):

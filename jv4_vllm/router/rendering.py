@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from jv4_vllm.core.page_layout import PageLayout
-from jv4_vllm.core.types import EmbedResult
+from jv4_vllm.core.types import EmbedResult, OutputKind
 from jv4_vllm.core.wire import EmbeddingType, encode_multivector, encode_vector
 
 __all__ = ["ROWS_PER_CHUNK", "render_chunks", "render_embeddings"]
@@ -27,14 +27,13 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 Chunks = Iterator[bytes]
 
 
-def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType, multivector: bool,
+def render_embeddings(result: EmbedResult, *, model: str, embedding_type: EmbeddingType, output: OutputKind,
                       pages: Mapping[int, Sequence[int]] | None = None) -> bytes:
     """The whole body at once (small responses, tests)."""
-    return b"".join(render_chunks(result, model=model, embedding_type=embedding_type, multivector=multivector,
-                                  pages=pages))
+    return b"".join(render_chunks(result, model=model, embedding_type=embedding_type, output=output, pages=pages))
 
 
-def render_chunks(result: EmbedResult, *, model: str, embedding_type: EmbeddingType, multivector: bool,
+def render_chunks(result: EmbedResult, *, model: str, embedding_type: EmbeddingType, output: OutputKind,
                   pages: Mapping[int, Sequence[int]] | None = None) -> Chunks:
     """The JSON body for ``result``, in chunks; ``data[i]`` answers ``input[i]``.
 
@@ -42,9 +41,9 @@ def render_chunks(result: EmbedResult, *, model: str, embedding_type: EmbeddingT
     PDF input into one ``{"object": "pages", "index", "pages": [{"page", ...}]}`` item.
     """
     item: Callable[[dict[str, Any], Any, EmbeddingType], Chunks]
-    item, arrays = (_multivector_item if multivector else _vector_item), result.embeddings
-    if result.multivectors is not None:  # dense and multi-vector from one pass
-        item, arrays = _both_item, list(zip(result.multivectors, result.embeddings))  # type: ignore[assignment]
+    item, arrays = (_multivector_item if output is OutputKind.MULTI else _vector_item), result.embeddings
+    if output is OutputKind.BOTH:  # dense and multi-vector from one pass
+        item, arrays = _both_item, list(zip(result.multivectors or (), result.embeddings))  # type: ignore[assignment]
     yield b'{"object":"list","model":' + orjson.dumps(model) + b',"data":['
     for position, chunks in enumerate(_items(arrays, pages or {}, item, embedding_type)):
         if position:
@@ -55,7 +54,8 @@ def render_chunks(result: EmbedResult, *, model: str, embedding_type: EmbeddingT
 
 
 def _items(arrays: Sequence[Any], pages: Mapping[int, Sequence[int]],
-           item: Callable[[dict[str, Any], Any, EmbeddingType], Chunks], embedding_type: EmbeddingType) -> Iterator[Chunks]:
+           item: Callable[[dict[str, Any], Any, EmbeddingType], Chunks],
+           embedding_type: EmbeddingType) -> Iterator[Chunks]:
     for span in PageLayout.of_flat(len(arrays), pages).spans():
         if span.pages is None:
             yield item({"index": span.index}, arrays[span.start], embedding_type)

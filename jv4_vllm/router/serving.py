@@ -1,5 +1,10 @@
 """The work behind the routes: read a request's inputs, run the engine, render the response.
 
+``/v1/embeddings``: :func:`request_items`, :func:`embed_items` (rendered by
+:mod:`jv4_vllm.router.rendering`).
+``/v1/rerank``: :func:`rerank` (the query and documents read, embedded once each, scored by
+:func:`jv4_vllm.core.scoring.score_documents`, rendered best first).
+
 :mod:`jv4_vllm.router.protocol` only declares and checks shapes; everything that does I/O
 or bulk work lives here. Rendering hands numpy arrays to orjson (no per-float Python) and
 runs in a worker thread, like every other bulk step, so the event loop stays free.
@@ -9,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from jv4_vllm.config import LimitsConfig
 from jv4_vllm.core.images import decode_image, fetch_image_url, has_url_scheme, read_image
 from jv4_vllm.core.page_layout import PageLayout
 from jv4_vllm.core.pdf import (
     PdfPlan,
+    RenderedPdf,
     check_page_budget,
     fetch_pdf,
     is_pdf_url,
@@ -24,9 +33,9 @@ from jv4_vllm.core.pdf import (
     read_pdf_bytes,
     render_plan,
 )
-from jv4_vllm.core.scoring import rename_inputs
+from jv4_vllm.core.scoring import DocumentScores, ranking, rename_inputs, score_documents
 from jv4_vllm.core.types import EmbedOptions, EmbedResult, Item, TextInput
-from jv4_vllm.errors import Jv4Error, PayloadTooLargeError
+from jv4_vllm.errors import InvalidRequestError, Jv4Error, PayloadTooLargeError
 from jv4_vllm.router.byte_budget import hold_more
 from jv4_vllm.router.input_pools import InputPools
 from jv4_vllm.router.kept_pdfs import KeptPdfs, is_reference
@@ -35,6 +44,7 @@ from jv4_vllm.router.protocol import (
     EmbeddingsRequest,
     ImageObject,
     PdfObject,
+    RerankRequest,
     TextObject,
     UrlObject,
 )
@@ -42,7 +52,8 @@ from jv4_vllm.router.protocol import (
 if TYPE_CHECKING:
     from jv4_vllm.core.engine import Engine
 
-__all__ = ["RequestItems", "decode_gate", "embed_items", "large_response", "read_items", "request_items"]
+__all__ = ["RequestItems", "decode_gate", "embed_items", "large_response", "read_items", "request_items",
+           "rerank"]
 
 def decode_gate(limits: LimitsConfig) -> InputPools:
     """The router's input pools (URL fetches, image decodes, PDF renders), made once per app."""
@@ -189,3 +200,63 @@ async def _with_pages(items: list[Item | None], plans: list[PdfPlan], limits: Li
         else:
             flat.append(item)  # type: ignore[arg-type]
     return RequestItems(flat, {index: pages for index, (pages, _) in done.items()})
+
+
+# --- /v1/rerank -------------------------------------------------------------------------
+
+
+def _documents(items: RequestItems, count: int) -> list[Item | RenderedPdf]:
+    """Flat items back into documents: a PDF's page images regrouped as one document."""
+    return [items[span.start] if span.pages is None else
+            RenderedPdf(pages=span.pages, images=tuple(items[span.start:span.stop]))
+            for span in PageLayout(count, items.pages).spans()]
+
+
+async def _read_named(raw: list[Any], limits: LimitsConfig, gate: InputPools, field: str,
+                      single: bool = False) -> RequestItems:
+    try:
+        return await read_items(raw, limits, gate)
+    except Jv4Error as error:
+        raise rename_inputs(error, lambda i: field if single else f"{field}[{i}]") from None
+
+
+def _echo(document: Any) -> dict[str, Any]:
+    return {"text": document} if isinstance(document, str) else document.model_dump(exclude_unset=True)
+
+
+def _render_ranking(body: RerankRequest, model: str, scores: DocumentScores) -> bytes:
+    results = []
+    for index in ranking(scores.scores, body.top_n):
+        result: dict[str, Any] = {"index": index, "relevance_score": float(scores.scores[index])}
+        if scores.pages[index] is not None:
+            result["page"] = scores.pages[index]
+        if body.return_documents:
+            result["document"] = _echo(body.documents[index])
+        results.append(result)
+    usage = {"prompt_tokens": scores.prompt_tokens, "total_tokens": scores.prompt_tokens}
+    return orjson.dumps({"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": usage, "results": results})
+
+
+async def rerank(body: RerankRequest, engine: Engine, limits: LimitsConfig, gate: InputPools,
+                 on_task: Callable[[str], None] | None = None) -> tuple[bytes, list[Item], int]:
+    """Check, read, embed once per input, score and render: the JSON body of the answer, with
+    the items embedded and the prompt tokens used (for the metrics). ``on_task`` hears the task
+    as soon as it is known."""
+    task = body.resolve_task(engine.model_name, engine.tasks)
+    if on_task is not None:
+        on_task(task)
+    if not body.documents:
+        raise InvalidRequestError("documents is empty; send at least one document", param="documents")
+    if len(body.documents) > limits.max_rerank_documents:
+        raise PayloadTooLargeError(
+            f"documents has {len(body.documents)} items; the limit is {limits.max_rerank_documents} per request",
+            param="documents", code="too_many_documents")
+    if isinstance(body.query, PdfObject):
+        raise InvalidRequestError("the query must be a text or an image, not a PDF", param="query")
+    query = await _read_named([body.query], limits, gate, "query", single=True)
+    items = await _read_named(list(body.documents), limits, gate, "documents")
+    documents = _documents(items, len(body.documents))
+    scores = await score_documents(engine, query[0], documents, task=task, scoring=body.scoring,
+                                   truncate=body.truncate, pool_factor=body.multivector_pool_factor)
+    content = await asyncio.to_thread(_render_ranking, body, body.model or engine.model_name, scores)
+    return content, [query[0], *items], scores.prompt_tokens
