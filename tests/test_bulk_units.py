@@ -154,3 +154,19 @@ async def test_pacer_settles_past_the_knee_of_a_batching_service():
         await pacer.acquire()
         await pacer.done(0.01 * max(1.0, int(pacer.limit) / 8), 1)
     assert 8 <= pacer.limit <= 24
+
+
+async def test_pacer_slow_start_reaches_the_knee_within_a_few_windows():
+    """Doubling while latency holds: from 4 to a service's knee at 32 in well under a hundred answers
+    (additive growth alone needs about twice as many), then it stops doubling once latency climbs."""
+    pacer = Pacer(PacingSettings(initial=4, maximum=256))
+    answers = 0
+    while pacer.limit < 32 and answers < 1000:
+        await pacer.acquire()
+        await pacer.done(0.01 * max(1.0, int(pacer.limit) / 32), 1)
+        answers += 1
+    assert pacer.limit >= 32 and answers <= 4 + 8 + 16
+    for _ in range(400):
+        await pacer.acquire()
+        await pacer.done(0.01 * max(1.0, int(pacer.limit) / 32), 1)
+    assert 32 <= pacer.limit <= 96

@@ -1,6 +1,10 @@
 """How many requests a job keeps in flight, adapted to what the service says.
 
-The limit grows while latency holds (each window of answers is compared with the best
+The limit starts in slow start, as TCP does: it doubles with every window of answers
+while latency holds, so a job reaches the service's knee within a few dozen answers
+rather than spending a short job's whole length ramping up; the first window whose latency
+does not hold (or the first overload) ends slow start. After that the limit grows by a
+quarter while latency holds (each window of answers is compared with the best
 latency seen, per item, so mixed request sizes compare fairly), and also while the
 throughput it implies (limit / latency per item, Little's law) still rises by more than
 5%: a batching server can gain from more requests even as each one waits longer. It
@@ -43,6 +47,7 @@ class Pacer:
         self._window: list[float] = []
         self._last_cut = 0.0
         self._last_rate: float | None = None
+        self._slow_start = True
         self.overloads = 0
         self.failures = 0
 
@@ -88,7 +93,13 @@ class Pacer:
         rate = int(self.limit) / latency if latency > 0 else float("inf")
         gaining = self._last_rate is not None and rate > self._last_rate * 1.05
         self._last_rate = rate
-        if latency <= self._best * s.tolerance or gaining:
+        holds = latency <= self._best * s.tolerance
+        if self._slow_start and holds:
+            self.limit = min(float(s.maximum), self.limit * 2)
+            self.peak = max(self.peak, int(self.limit))
+            return
+        self._slow_start = False
+        if holds or gaining:
             self.limit = min(float(s.maximum), self.limit + max(1.0, self.limit / 4))
         elif latency > self._best * s.tolerance * 1.5:
             self.limit = max(float(s.minimum), self.limit * 0.8)
@@ -119,6 +130,7 @@ class Pacer:
         delay = retry_after if retry_after is not None else self._backoff(attempt)
         async with self._changed:
             self.in_flight -= 1
+            self._slow_start = False
             if cut and now >= self._last_cut:
                 self.limit = max(float(self.settings.minimum), self.limit / 2)
                 self._window.clear()
