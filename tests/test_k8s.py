@@ -2,7 +2,7 @@
 
 Every rendered object validates against the Kubernetes OpenAPI schema (offline, strict),
 the policies the deployment relies on hold on the objects themselves, the committed
-configs/k8s/ output equals a fresh render, and the Dockerfile follows the image rules.
+configs/k8s/ output equals a fresh render (the image rules: tests/test_dockerfile.py).
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from jv4_vllm.config import Config, RouterConfig, load_config
+from jv4_vllm.config import Config, load_config
 from jv4_vllm.deploy.k8s import (
     KEDA_API,
-    autoscaled,
     cluster_config,
-    drain_seconds,
     manifest_files,
     render_manifests,
-    task_demand_query,
     write_manifests,
 )
 from jv4_vllm.deploy.vllm_args import vllm_serve_command
@@ -67,10 +64,14 @@ def _config(variant: str) -> Config:
     return load_config(REPO / OVERLAYS[variant], environ={})
 
 
+def render_variant(variant: str) -> Rendered:
+    config = _config(variant)
+    return Rendered(variant, config, render_manifests(config, variant))
+
+
 @pytest.fixture(scope="module", params=list(OVERLAYS))
 def rendered(request: pytest.FixtureRequest) -> Rendered:
-    config = _config(request.param)
-    return Rendered(request.param, config, render_manifests(config, request.param))
+    return render_variant(request.param)
 
 
 def _pod(workload: Obj) -> Obj:
@@ -283,80 +284,6 @@ def test_router_reads_its_configmap_and_api_keys_from_a_secret(rendered: Rendere
     assert models["readOnly"] is True
 
 
-# ---------------------------------------------------------------- fleet: shared budget and autoscaling
-
-
-def _check_scaled_object(obj: Obj, target: Obj) -> None:
-    """The fields KEDA's ScaledObject CRD requires, with the types it takes."""
-    assert obj["apiVersion"] == KEDA_API and obj["kind"] == "ScaledObject"
-    spec = obj["spec"]
-    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
-                         "cooldownPeriod", "advanced", "triggers"}
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                      "name": target["metadata"]["name"]}
-    assert obj["metadata"]["name"] == target["metadata"]["name"]
-    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
-    for trigger in spec["triggers"]:
-        assert trigger["type"] in ("prometheus", "cpu")
-        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
-        if trigger["type"] == "prometheus":
-            assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
-            assert int(trigger["metadata"]["threshold"]) > 0
-
-
-def test_autoscaling_scales_each_task_on_its_demand(rendered: Rendered) -> None:
-    backend = rendered.config.backend
-    for task, deployment in rendered.config.deployments.items():
-        assert autoscaled(deployment), f"{task}: the committed configs scale every task"
-        target = rendered.vllm(task)
-        scaler = rendered.one("ScaledObject", target["metadata"]["name"])
-        _check_scaled_object(scaler, target)
-        assert (scaler["spec"]["minReplicaCount"], scaler["spec"]["maxReplicaCount"]) == (
-            deployment.min_replicas, deployment.max_replicas)
-        (trigger,) = scaler["spec"]["triggers"]
-        assert trigger["metadata"]["query"] == task_demand_query(task)
-        assert f'task="{task}"' in trigger["metadata"]["query"]
-        assert trigger["metadata"]["threshold"] == str(backend.tokens_in_flight_per_replica)
-        assert "replicas" not in target["spec"], "the autoscaler owns the count: an apply must not reset it"
-    _check_scaled_object(rendered.one("ScaledObject", "jv4-vllm-router"), rendered.router)
-
-
-def test_vllm_pods_drain_before_they_stop(rendered: Rendered) -> None:
-    backend = rendered.config.backend
-    for task in rendered.config.tasks:
-        pod = _pod(rendered.vllm(task))
-        (container,) = pod["containers"]
-        seconds = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert seconds == drain_seconds(rendered.config)
-        assert seconds > backend.dns_refresh_s + 2 * backend.health_interval_s, "routers must drop it first"
-        assert pod["terminationGracePeriodSeconds"] > seconds
-
-
-def test_router_peers_name_the_routers_headless_service(rendered: Rendered) -> None:
-    cluster = cluster_config(rendered.config, rendered.variant)
-    (peers,) = cluster.router.peers
-    service = rendered.one("Service", "jv4-vllm-router-peers")
-    spec = service["spec"]
-    assert spec["clusterIP"] == "None"
-    (port,) = spec["ports"]
-    assert peers == f"dns+http://{service['metadata']['name']}:{port['port']}"
-    assert port["port"] == cluster.router.port and port["targetPort"] == "http"
-    selected = [o["metadata"]["name"] for o, t in _pod_templates(rendered)
-                if _selects({"matchLabels": spec["selector"]}, t["metadata"]["labels"])]
-    assert selected == [rendered.router["metadata"]["name"]]
-    configmap = yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
-    assert configmap["router"]["peers"] == [peers]
-
-
-def test_a_task_without_max_replicas_keeps_a_fixed_count() -> None:
-    config = _config("gpu")
-    fixed = {task: d.model_copy(update={"min_replicas": 2, "max_replicas": None})
-             for task, d in config.deployments.items()}
-    rendered = Rendered("gpu", config, render_manifests(config.model_copy(update={"deployments": fixed}), "gpu"))
-    assert [o["metadata"]["name"] for o in rendered.all("ScaledObject")] == ["jv4-vllm-router"]
-    assert all(rendered.vllm(task)["spec"]["replicas"] == 2 for task in config.tasks)
-
-
 # ---------------------------------------------------------------- network policy
 
 
@@ -418,93 +345,6 @@ def test_write_manifests_writes_the_rendered_files(tmp_path: Path) -> None:
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown variant"):
         render_manifests(_config("gpu"), "tpu")
-
-
-# ---------------------------------------------------------------- Dockerfile
-
-
-@dataclass
-class Stage:
-    name: str
-    base: str
-    instructions: list[tuple[str, str]]
-
-
-def _dockerfile_stages(text: str) -> list[Stage]:
-    """Parse FROM/ARG/RUN/USER/... lines (continuations joined, comments dropped)."""
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-    joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in joined.splitlines():
-        if not line.strip():
-            continue
-        instruction, _, rest = line.strip().partition(" ")
-        instruction, rest = instruction.upper(), rest.strip()
-        if instruction == "FROM":
-            image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args[m.group(1)], rest.split()[0])
-            match = re.search(r"\bAS\s+(\S+)", rest, re.IGNORECASE)
-            stages.append(Stage(match.group(1) if match else str(len(stages)), image, []))
-        elif not stages and instruction == "ARG":
-            name, _, default = rest.partition("=")
-            global_args[name] = default
-        elif stages:
-            stages[-1].instructions.append((instruction, rest))
-    return stages
-
-
-@pytest.fixture(scope="module")
-def stages() -> dict[str, Stage]:
-    return {s.name: s for s in _dockerfile_stages((REPO / "configs" / "Dockerfile").read_text())}
-
-
-def _chain(stages: dict[str, Stage], name: str) -> list[Stage]:
-    """A stage and the stages it is built FROM, base first."""
-    chain = [stages[name]]
-    while chain[0].base in stages:
-        chain.insert(0, stages[chain[0].base])
-    return chain
-
-
-def _last(stages: dict[str, Stage], name: str, instruction: str) -> str | None:
-    values = [rest for s in _chain(stages, name) for i, rest in s.instructions if i == instruction]
-    return values[-1] if values else None
-
-
-def test_dockerfile_base_images_are_pinned(stages: dict[str, Stage]) -> None:
-    external = [s.base for s in stages.values() if s.base not in stages]
-    assert external
-    for image in external:
-        tag = image.rpartition("/")[2].partition(":")[2]
-        assert "@sha256:" in image or re.match(r"\d+\.\d+\.\d+", tag), f"{image} is not pinned to a release"
-
-
-def test_dockerfile_images_run_as_the_manifests_non_root_user(stages: dict[str, Stage]) -> None:
-    renders = [Rendered(v, _config(v), render_manifests(_config(v), v)) for v in OVERLAYS]
-    run_as = {c["securityContext"]["runAsUser"]
-              for r in renders for _, t in _pod_templates(r)
-              for c in _containers(t["spec"]) if "runAsUser" in c.get("securityContext", {})}
-    assert len(run_as) == 1
-    for target in ("router", "prepare"):
-        user = _last(stages, target, "USER")
-        assert user is not None, f"{target}: no USER"
-        uid = user.partition(":")[0]
-        assert uid not in ("root", "0")
-        assert int(uid) in run_as
-
-
-def test_dockerfile_router_is_small_healthchecked_and_default(stages: dict[str, Stage]) -> None:
-    assert list(stages)[-1] == "router", "the default build target is the router"
-    installs = " ".join(rest for s in _chain(stages, "router") for i, rest in s.instructions if i == "RUN")
-    assert "pip install" in installs
-    assert not re.search(r"torch|vllm|\[model\]", installs), "the router image must not carry torch or vLLM"
-    healthcheck = _last(stages, "router", "HEALTHCHECK")
-    assert healthcheck is not None and f"127.0.0.1:{RouterConfig().port}/health" in healthcheck
-    assert _last(stages, "prepare", "HEALTHCHECK") is not None
-    prepare_installs = " ".join(rest for i, rest in stages["prepare"].instructions if i == "RUN")
-    assert "[model]" in prepare_installs, "the prepare Job needs the model extra"
-    for target in ("router", "prepare"):
-        assert _last(stages, target, "ENTRYPOINT") == '["jv4-vllm"]'
 
 
 def test_the_router_pod_outlives_its_drain(rendered: Rendered) -> None:
