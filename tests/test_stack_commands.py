@@ -34,8 +34,9 @@ def processes_mentioning(needle: str) -> list[int]:
     return found
 
 
-def _one_task_stack(stack_config, tmp_path: Path):  # noqa: ANN001
-    """`jv4-vllm up` on a one-task config with fresh ports; returns (process, router url, vLLM port, config path)."""
+def start_one_task_up(stack_config, tmp_path: Path, *, quiet: bool = False):  # noqa: ANN001
+    """`jv4-vllm up` on a one-task config with fresh ports, not waited for; returns
+    (process, config, vLLM port, config path). ``quiet`` drops its output."""
     port = free_port()
     one_task = stack_config.model_copy(update={
         "deployments": {"retrieval": stack_config.deployments["retrieval"].model_copy(
@@ -44,8 +45,16 @@ def _one_task_stack(stack_config, tmp_path: Path):  # noqa: ANN001
         "log_dir": tmp_path / "logs",
     })
     path = write_config(one_task, tmp_path / "up.yaml")
-    up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else \
+        {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)], **output)
+    return up, one_task, port, path
+
+
+def _one_task_stack(stack_config, tmp_path: Path):  # noqa: ANN001
+    """`jv4-vllm up` on a one-task config with fresh ports, until ready; returns (process, router url, vLLM port,
+    config path)."""
+    up, one_task, port, path = start_one_task_up(stack_config, tmp_path)
     url = f"http://127.0.0.1:{one_task.router.port}"
     wait_ready(url, up, timeout_s=420)
     seen = [up.stdout.readline() for _ in range(3)]  # up announces readiness itself

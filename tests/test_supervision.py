@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_stack_commands import _one_task_stack, processes_mentioning
-from vllm_stack import free_port, write_config
+from test_stack_commands import _one_task_stack, processes_mentioning, start_one_task_up
 
 pytestmark = [pytest.mark.vllm, pytest.mark.own_stack, pytest.mark.timeout(900)]
 
@@ -44,16 +42,7 @@ def _until(condition, timeout_s: float = 120) -> None:  # noqa: ANN001
 
 
 def test_two_interrupts_during_start_up(stack_config, tmp_path):
-    port = free_port()
-    config = stack_config.model_copy(update={
-        "deployments": {"retrieval": stack_config.deployments["retrieval"].model_copy(
-            update={"urls": [f"http://127.0.0.1:{port}"], "port": port})},
-        "router": stack_config.router.model_copy(update={"port": free_port()}),
-        "log_dir": tmp_path / "logs",
-    })
-    path = write_config(config, tmp_path / "up.yaml")
-    up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up, _, port, path = start_one_task_up(stack_config, tmp_path)
     try:
         _until(lambda: processes_mentioning(f"--port {port}") and len(processes_mentioning(str(path))) >= 2)
         time.sleep(1.0)  # vLLM is importing and loading; the router is starting
@@ -98,16 +87,7 @@ def test_a_second_termination_while_stopping(stack_config, tmp_path):
 
 def test_children_die_with_a_killed_up(stack_config, tmp_path):
     """SIGKILL cannot be handled: PR_SET_PDEATHSIG takes the children down with `up`."""
-    port = free_port()
-    config = stack_config.model_copy(update={
-        "deployments": {"retrieval": stack_config.deployments["retrieval"].model_copy(
-            update={"urls": [f"http://127.0.0.1:{port}"], "port": port})},
-        "router": stack_config.router.model_copy(update={"port": free_port()}),
-        "log_dir": tmp_path / "logs",
-    })
-    path = write_config(config, tmp_path / "up.yaml")
-    up = subprocess.Popen([sys.executable, "-m", "jv4_vllm.cli", "up", "--config", str(path)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up, _, port, path = start_one_task_up(stack_config, tmp_path, quiet=True)
     _until(lambda: processes_mentioning(f"--port {port}") and len(processes_mentioning(str(path))) >= 2)
     up.kill()
     up.wait(timeout=30)
