@@ -170,3 +170,42 @@ async def test_pacer_slow_start_reaches_the_knee_within_a_few_windows():
         await pacer.acquire()
         await pacer.done(0.01 * max(1.0, int(pacer.limit) / 32), 1)
     assert 32 <= pacer.limit <= 96
+
+
+
+async def test_pacer_gives_free_slots_to_requests_that_go_ahead():
+    """Pages and images wait with ``ahead``: the next free slot is theirs, even if texts waited longer."""
+    pacer = Pacer(PacingSettings(initial=1, minimum=1))
+    await pacer.acquire()
+    order: list[str] = []
+
+    async def one(name: str, ahead: bool) -> None:
+        await pacer.acquire(ahead=ahead)
+        order.append(name)
+        await pacer.done(0.01, 1)
+
+    waiting = [asyncio.create_task(one("text-1", False)), asyncio.create_task(one("text-2", False))]
+    await asyncio.sleep(0.01)
+    waiting.append(asyncio.create_task(one("pages", True)))
+    await asyncio.sleep(0.01)
+    await pacer.done(0.01, 1)
+    await asyncio.gather(*waiting)
+    assert order[0] == "pages" and sorted(order[1:]) == ["text-1", "text-2"]
+
+
+def test_embed_reads_pages_and_images_in_a_pass_of_their_own(tmp_path: Path):
+    """The pass whose requests go ahead holds the PDFs and images; texts and unreadable rows the other."""
+    from jv4_vllm.bulk import embed as embed_module
+    from jv4_vllm.bulk.shard import Shard
+
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [{"id": "t1", "text": "a"}, {"id": "d1", "pdf": "d.pdf"}, "not json", {"id": "t2", "text": "b"},
+             {"id": "i1", "image": "i.png"}, {"id": "t3", "text": "c"}]
+    corpus.write_bytes(b"".join((line.encode() if isinstance(line, str) else orjson.dumps(line)) + b"\n"
+                                for line in lines))
+    heavy, light = ([getattr(r, "id", "bad") for r in embed_module._rows_of(corpus, Shard(), kinds)]
+                    for kinds in embed_module.PASSES)
+    assert heavy == ["d1", "i1"] and light == ["t1", "bad", "t2", "t3"]
+    request = embed_module._Request
+    assert request([], [{"image": "x"}]).ahead and request([], [{"pdf": "x"}], (1, 2)).ahead
+    assert not request([], [{"text": "x"}]).ahead

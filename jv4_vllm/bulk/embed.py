@@ -2,7 +2,10 @@
 
 Texts go ``batch_size`` per request, images ``image_batch_size``; a PDF is read once,
 its page count planned locally, and its pages sent ``image_batch_size`` at a time (the
-service renders each page once). Answers are buffered into row groups of
+service renders each page once). PDFs and images are read in a pass of their own, beside
+the texts' pass, and their requests take free slots before texts: the longest requests
+then overlap the many short ones instead of running alone at the job's end (longest first
+is what keeps a pool busy to its last answer). Answers are buffered into row groups of
 ``row_group_size`` rows (or ~64 MB, or a few seconds' worth), each written whole: a rerun
 finds the (id, page) pairs already there and sends only the rest. A request the service
 refuses is split to find the input at fault; refused inputs go to ``<output>.errors.jsonl``.
@@ -14,6 +17,8 @@ import asyncio
 import logging
 import time
 from array import array
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from jv4_vllm.bulk.jsonl_out import JsonlAppender
 from jv4_vllm.bulk.keys import KeySet, key_hash, line_key
 from jv4_vllm.bulk.progress import Progress, prompt_tokens
 from jv4_vllm.bulk.rows import RowBuffer, decode_answer, schema_for
+from jv4_vllm.bulk.shard import Shard
 from jv4_vllm.bulk.transport import Answer, Transport
 
 __all__ = ["EmbedSettings", "embed", "row_key"]
@@ -35,6 +41,7 @@ log = logging.getLogger("jv4_vllm.bulk")
 EMBEDDINGS = "/v1/embeddings"
 FLUSH_BYTES = 64 << 20
 FLUSH_SECONDS = 5.0
+PASSES = (frozenset({"pdf", "image"}), frozenset({"text", "invalid"}))  # the first one's requests go ahead
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,11 @@ class _Request:
     rows: list[CorpusRow]
     inputs: list[dict[str, Any]]
     pdf_pages: tuple[int, ...] = ()  # for a PDF page batch: its pages
+
+    @property
+    def ahead(self) -> bool:
+        """Pages and images: long requests, sent before texts that wait."""
+        return bool(self.pdf_pages) or any("image" in item for item in self.inputs)
 
 
 @dataclass
@@ -95,7 +107,7 @@ class _Job:
     async def submit(self, request: _Request) -> None:
         await self.sender.submit(EMBEDDINGS, lambda: self.body(request.inputs),
                                  max(len(request.rows), len(request.pdf_pages)),
-                                 lambda answer: self.answered(request, answer))
+                                 lambda answer: self.answered(request, answer), ahead=request.ahead)
 
     async def answered(self, request: _Request, outcome: Any) -> None:
         if isinstance(outcome, Answer) and outcome.status == 200:
@@ -188,6 +200,15 @@ def _done_keys(output: Path) -> tuple[KeySet, KeySet]:
     return KeySet(np.frombuffer(keys, dtype=np.uint64)), KeySet(np.frombuffer(ids, dtype=np.uint64))
 
 
+def _kind(row: CorpusRow | BadRow) -> str:
+    return row.kind if isinstance(row, CorpusRow) else "invalid"
+
+
+def _rows_of(source: Path, shard: Shard, kinds: frozenset[str]) -> Iterator[CorpusRow | BadRow]:
+    """This shard's rows of these kinds, in corpus order."""
+    return (row for row in read_corpus(source) if _kind(row) in kinds and shard.owns(_shard_key(row)))
+
+
 def _shard_key(row: CorpusRow | BadRow) -> int:
     """Rows by id; an unreadable row by its line number (so exactly one shard reports it)."""
     return key_hash(row.id) if isinstance(row, CorpusRow) else key_hash(line_key(row.line))
@@ -215,17 +236,19 @@ async def _fetch(url: str, row: CorpusRow) -> bytes:
 
 async def _pdf_pages(row: CorpusRow) -> tuple[str, tuple[int, ...]]:
     """The PDF as base64 and its page numbers (counted here; rendering is the service's)."""
-    from jv4_vllm.config import LimitsConfig
-    from jv4_vllm.core.pdf import plan_pdf
-
     data, url = await asyncio.to_thread(source_bytes, row)
     if url is not None:
         data = await _fetch(url, row)
+    return await asyncio.to_thread(_plan_pages, row, data)  # the PDF library loads off the event loop too
+
+
+def _plan_pages(row: CorpusRow, data: bytes | None) -> tuple[str, tuple[int, ...]]:
+    from jv4_vllm.config import LimitsConfig
+    from jv4_vllm.core.pdf import plan_pdf, read_pdf_bytes
+
     if data is None:
-        from jv4_vllm.core.pdf import read_pdf_bytes
         data = read_pdf_bytes(row.value, LimitsConfig(), row.line - 1)
-    limits = LimitsConfig(max_pdf_pages_per_request=1 << 30)
-    plan = await asyncio.to_thread(plan_pdf, data, None, limits, row.line - 1)
+    plan = plan_pdf(data, None, LimitsConfig(max_pdf_pages_per_request=1 << 30), row.line - 1)
     return as_base64(data), plan.pages
 
 
@@ -237,24 +260,22 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
     source, output, shard = Path(input_path), Path(output_path), settings.shard
     if not source.exists():
         raise FileNotFoundError(f"corpus {source} does not exist")
+    kinds = Counter(_kind(r) for r in read_corpus(source) if shard.owns(_shard_key(r)))
     check_unique(lambda: ((r.id, r.line) for r in read_corpus(source) if isinstance(r, CorpusRow)), "id")
     done, done_ids = _done_keys(output)
-    mine = sum(1 for r in read_corpus(source) if shard.owns(_shard_key(r)))
     Path(f"{output}.errors.jsonl").unlink(missing_ok=True)  # this run's refusals (all of them are retried)
-    progress = Progress(total=mine, unit="row", quiet=settings.quiet)
+    progress = Progress(total=sum(kinds.values()), unit="row", quiet=settings.quiet)
     job = _Job(output, transport, settings, options, progress)
-    texts: list[CorpusRow] = []
-    images: list[CorpusRow] = []
 
     async def flush_batch(rows: list[CorpusRow]) -> None:
         if rows:
             await job.submit(_Request(list(rows), [await _inputs(r) for r in rows]))
             rows.clear()
 
-    try:
-        for row in read_corpus(source):
-            if not shard.owns(_shard_key(row)):
-                continue
+    async def one_pass(kinds_here: frozenset[str]) -> None:
+        texts: list[CorpusRow] = []
+        images: list[CorpusRow] = []
+        for row in _rows_of(source, shard, kinds_here):
             if isinstance(row, BadRow):
                 progress.add("invalid row")
                 log.warning("%s", row.message)
@@ -270,6 +291,12 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
                     await flush_batch(batch)
         await flush_batch(texts)
         await flush_batch(images)
+
+    try:
+        async with asyncio.TaskGroup() as passes:
+            for kinds_here in PASSES:
+                if any(kinds[kind] for kind in kinds_here):  # a pass only where there are rows
+                    passes.create_task(one_pass(kinds_here))
         await job.sender.drain()
         await job.maybe_flush(force=True)
     finally:

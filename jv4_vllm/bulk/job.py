@@ -52,26 +52,30 @@ class Sender:
         self.pacer = Pacer(settings.pacing)
         self.retry = settings.retry
         self._room = asyncio.Semaphore(settings.pacing.maximum * 2)
+        self._room_ahead = asyncio.Semaphore(settings.pacing.maximum * 2)
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
 
     async def submit(self, path: str, body: bytes | Callable[[], bytes], items: int,
-                     on_answer: Callable[[Answer | httpx.TransportError], Awaitable[None] | None]) -> None:
+                     on_answer: Callable[[Answer | httpx.TransportError], Awaitable[None] | None],
+                     *, ahead: bool = False) -> None:
         """Queue one request; ``on_answer`` gets its answer (or the final connection failure).
 
         ``body`` may be a function that builds it, called when the request is sent: queued
         requests then hold no body (page batches of one PDF share its bytes until sent).
+        ``ahead`` requests (long ones) have room of their own and take free slots first.
         """
         if self._failure is not None:
             raise self._failure
-        await self._room.acquire()
+        room = self._room_ahead if ahead else self._room
+        await room.acquire()
 
         async def run() -> None:
             try:
                 payload = body() if callable(body) else body
                 try:
                     outcome: Answer | httpx.TransportError = await send(
-                        self.transport, self.pacer, path, payload, items=items, retry=self.retry)
+                        self.transport, self.pacer, path, payload, items=items, retry=self.retry, ahead=ahead)
                 except httpx.TransportError as exc:
                     outcome = exc
                 result = on_answer(outcome)
@@ -80,7 +84,7 @@ class Sender:
             except BaseException as exc:  # noqa: BLE001 - re-raised from submit/drain
                 self._failure = self._failure or exc
             finally:
-                self._room.release()
+                room.release()
 
         task = asyncio.create_task(run())
         self._tasks.add(task)

@@ -40,6 +40,7 @@ class Pacer:
         self.settings = settings or PacingSettings()
         self.limit = float(self.settings.initial)
         self.in_flight = 0
+        self._ahead_waiting = 0
         self.peak = self.settings.initial
         self._not_before = 0.0
         self._changed = asyncio.Condition()
@@ -51,21 +52,26 @@ class Pacer:
         self.overloads = 0
         self.failures = 0
 
-    async def acquire(self) -> None:
-        """Wait for a free slot (and for any pause to end)."""
+    async def acquire(self, *, ahead: bool = False) -> None:
+        """Wait for a free slot (and for any pause to end); ``ahead`` waiters take free slots first."""
         async with self._changed:
-            while True:
-                wait = self._not_before - time.monotonic()
-                if wait > 0:
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), wait)
-                    except TimeoutError:
-                        pass
-                    continue
-                if self.in_flight < max(int(self.limit), self.settings.minimum):
-                    self.in_flight += 1
-                    return
-                await self._changed.wait()
+            self._ahead_waiting += ahead
+            try:
+                while True:
+                    wait = self._not_before - time.monotonic()
+                    if wait > 0:
+                        try:
+                            await asyncio.wait_for(self._changed.wait(), wait)
+                        except TimeoutError:
+                            pass
+                        continue
+                    free = self.in_flight < max(int(self.limit), self.settings.minimum)
+                    if free and (ahead or not self._ahead_waiting):
+                        self.in_flight += 1
+                        return
+                    await self._changed.wait()
+            finally:
+                self._ahead_waiting -= ahead
 
     async def abandon(self) -> None:
         """Give the slot back without a measurement (the request was cancelled or given up)."""

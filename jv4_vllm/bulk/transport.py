@@ -76,14 +76,15 @@ class Transport:
 
 
 async def send(transport: Transport, pacer: Pacer, path: str, body: bytes, *, items: int,
-               retry: RetrySettings) -> Answer:
-    """POST ``body`` until the service gives an answer that is not overload or an outage."""
+               retry: RetrySettings, ahead: bool = False) -> Answer:
+    """POST ``body`` until the service gives an answer that is not overload or an outage
+    (``ahead``: before requests that wait without it)."""
     started = time.monotonic()
     attempt = 0
     server_errors = 0
     while True:
         attempt += 1
-        await pacer.acquire()
+        await pacer.acquire(ahead=ahead)
         sent = time.monotonic()
         try:
             response = await transport.http.post(path, content=body)
