@@ -14,6 +14,7 @@ refuses is split to find the input at fault; refused inputs go to ``<output>.err
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from array import array
@@ -25,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow.parquet as pq
 
 from jv4_vllm.bulk.corpus import BadRow, CorpusRow, as_base64, read_corpus, source_bytes
 from jv4_vllm.bulk.job import JobSettings, Sender, check_unique
 from jv4_vllm.bulk.jsonl_out import JsonlAppender
 from jv4_vllm.bulk.keys import KeySet, key_hash, line_key
+from jv4_vllm.bulk.parquet_out import ParquetAppender, repair_parquet
 from jv4_vllm.bulk.progress import Progress, prompt_tokens
 from jv4_vllm.bulk.rows import RowBuffer, decode_answer, schema_for
 from jv4_vllm.bulk.shard import Shard
@@ -167,7 +170,6 @@ class _Job:
 
     def _write(self, buffer: RowBuffer) -> None:
         if self.appender is None:
-            from jv4_vllm.bulk.parquet_out import ParquetAppender
             multi_dim = buffer.multi[0].shape[1] if buffer.multi else None
             self.appender = ParquetAppender(self.output, schema_for(len(buffer.dense[0]), multi_dim))
         if self.sink is not None:  # Qdrant first: a kill between the two resends rows, never loses them
@@ -187,10 +189,6 @@ def _done_keys(output: Path) -> tuple[KeySet, KeySet]:
     """(row keys, ids) already in ``output``, after repairing a file cut short by a kill (8 bytes each)."""
     if not output.exists():
         return KeySet(), KeySet()
-    import pyarrow.parquet as pq
-
-    from jv4_vllm.bulk.parquet_out import repair_parquet
-
     repair_parquet(output)
     keys, ids = array("Q"), array("Q")
     for batch in pq.ParquetFile(output).iter_batches(columns=["id", "page"], batch_size=65536):
@@ -239,7 +237,7 @@ async def _pdf_pages(row: CorpusRow) -> tuple[str, tuple[int, ...]]:
     data, url = await asyncio.to_thread(source_bytes, row)
     if url is not None:
         data = await _fetch(url, row)
-    return await asyncio.to_thread(_plan_pages, row, data)  # the PDF library loads off the event loop too
+    return await asyncio.to_thread(_plan_pages, row, data)
 
 
 def _plan_pages(row: CorpusRow, data: bytes | None) -> tuple[str, tuple[int, ...]]:
@@ -261,6 +259,8 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
     if not source.exists():
         raise FileNotFoundError(f"corpus {source} does not exist")
     kinds = Counter(_kind(r) for r in read_corpus(source) if shard.owns(_shard_key(r)))
+    if kinds["pdf"]:  # loaded before the first request, not in a thread competing with the service
+        importlib.import_module("jv4_vllm.core.pdf")
     check_unique(lambda: ((r.id, r.line) for r in read_corpus(source) if isinstance(r, CorpusRow)), "id")
     done, done_ids = _done_keys(output)
     Path(f"{output}.errors.jsonl").unlink(missing_ok=True)  # this run's refusals (all of them are retried)
