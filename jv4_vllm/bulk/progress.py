@@ -58,7 +58,7 @@ class Progress:
         counts = ", ".join(f"{status}: {n}" for status, n in sorted(self.statuses.items())) or "none"
         rate = self.items / self.seconds if self.seconds > 0 else 0.0
         parts = [f"{self.items} {self.unit}s done ({counts})", f"{self.skipped} already done",
-                 f"{self.tokens} tokens", f"{self.seconds:.1f} s", f"{rate:.1f} {self.unit}s/s"]
+                 f"{self.tokens} tokens", f"{self.seconds:.2f} s", f"{rate:.1f} {self.unit}s/s"]
         return "; ".join(parts) + (f"; {extra}" if extra else "")
 
     def close(self, extra: str = "") -> str:
