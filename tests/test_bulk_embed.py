@@ -152,3 +152,31 @@ def test_sigkill_between_row_groups_then_rerun(router_url, tmp_path):
     ids = pq.read_table(out).column("id").to_pylist()
     assert sorted(ids) == sorted(f"t{i}" for i in range(160))  # no duplicates, no gaps
     assert " 0 already done" not in done.stderr
+
+
+def test_refused_inputs_beyond_the_queue_are_each_reported(router_url, tmp_path):
+    """More refused batches than the job has room for queued requests: each batch is split to find
+    its inputs at fault, every one of them reported, the good rows written (the split must not wait
+    for room that queued requests hold; before the split went inline, this job hung)."""
+    too_long = "word " * 6000  # over the demo stack's 4,096 tokens
+    rows = [{"id": f"row-{i}", "text": too_long if i % 4 else f"short passage {i}"} for i in range(24)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out.parquet"
+    done = embed(corpus, out, router_url, "--max-concurrency", "2", "--initial-concurrency", "1")
+    assert "24 rows done (200: 6, 400: 18)" in done.stderr
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == sorted(f"row-{i}" for i in range(0, 24, 4))
+    errors = [json.loads(line) for line in (tmp_path / "out.parquet.errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == sorted(f"row-{i}" for i in range(24) if i % 4)
+    assert all(e["status"] == 400 and e["error"]["param"] == "input[0]" for e in errors)
+
+
+def test_an_option_the_service_refuses_stops_the_job(router_url, corpus, tmp_path):
+    """--dimensions the model does not have: every request would be refused, so the job stops at the
+    first answer with the service's message instead of sending every input alone."""
+    args = [sys.executable, "-m", "jv4_vllm.cli", "embed", "-i", str(corpus), "-o", str(tmp_path / "out.parquet"),
+            "--url", router_url, "--task", "retrieval.passage", "--quiet", "--dimensions", "5000"]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "refuses this job's dimensions" in done.stderr and "5000" in done.stderr
+    assert "Traceback" not in done.stderr

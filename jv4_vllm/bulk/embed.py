@@ -38,7 +38,7 @@ from jv4_vllm.bulk.rows import RowBuffer, decode_answer, schema_for
 from jv4_vllm.bulk.shard import Shard
 from jv4_vllm.bulk.transport import Answer, Transport
 
-__all__ = ["EmbedSettings", "embed", "row_key"]
+__all__ = ["EmbedSettings", "JobRefused", "embed", "row_key"]
 
 log = logging.getLogger("jv4_vllm.bulk")
 EMBEDDINGS = "/v1/embeddings"
@@ -112,6 +112,11 @@ class _Job:
                                  max(len(request.rows), len(request.pdf_pages)),
                                  lambda answer: self.answered(request, answer), ahead=request.ahead)
 
+    async def follow_up(self, request: _Request) -> None:
+        """Send ``request`` from an answer's callback (see ``Sender.call``)."""
+        await self.sender.call(EMBEDDINGS, self.body(request.inputs), len(request.rows),
+                               lambda answer: self.answered(request, answer), ahead=True)
+
     async def answered(self, request: _Request, outcome: Any) -> None:
         if isinstance(outcome, Answer) and outcome.status == 200:
             payload = orjson.loads(outcome.content)
@@ -129,9 +134,12 @@ class _Job:
             await self.maybe_flush()
             return
         status = outcome.status if isinstance(outcome, Answer) else "unreachable"
+        if isinstance(outcome, Answer) and 400 <= outcome.status < 500:
+            _refuse_job_wide(outcome)
         if isinstance(outcome, Answer) and 400 <= outcome.status < 500 and len(request.rows) > 1:
-            for row, item in zip(request.rows, request.inputs):  # find the input the service refuses
-                await self.submit(_Request([row], [item]))
+            # find the input the service refuses: each alone, inside this request's own room
+            await asyncio.gather(*(self.follow_up(_Request([row], [item]))
+                                   for row, item in zip(request.rows, request.inputs, strict=True)))
             return
         self.refused(request, status, outcome.content if isinstance(outcome, Answer) else str(outcome).encode())
 
@@ -183,6 +191,23 @@ class _Job:
             self.sink.close()
         if self.errors is not None:
             self.errors.close()
+
+
+class JobRefused(ValueError):
+    """The service refuses what every request of the job asks (an option, not an input)."""
+
+
+def _refuse_job_wide(answer: Answer) -> None:
+    """Stop the job on a 4xx that names a request field other than ``input``: the job's own
+    options (``--dimensions``, ``--task``, the model) are wrong, and every request would get it."""
+    try:
+        error = orjson.loads(answer.content).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        return
+    param = error.get("param") if isinstance(error, dict) else None
+    if isinstance(param, str) and param and not param.startswith("input") and answer.status not in (401, 403):
+        raise JobRefused(f"the service refuses this job's {param}: {error.get('message')} (nothing more is sent; "
+                         f"fix the option and rerun with the same output)")
 
 
 def _done_keys(output: Path) -> tuple[KeySet, KeySet]:
@@ -293,10 +318,13 @@ async def embed(input_path: str, output_path: str, transport: Transport, setting
         await flush_batch(images)
 
     try:
-        async with asyncio.TaskGroup() as passes:
-            for kinds_here in PASSES:
-                if any(kinds[kind] for kind in kinds_here):  # a pass only where there are rows
-                    passes.create_task(one_pass(kinds_here))
+        try:
+            async with asyncio.TaskGroup() as passes:
+                for kinds_here in PASSES:
+                    if any(kinds[kind] for kind in kinds_here):  # a pass only where there are rows
+                        passes.create_task(one_pass(kinds_here))
+        except ExceptionGroup as failed:  # the first failure, as the job's own error
+            raise failed.exceptions[0] from None
         await job.sender.drain()
         await job.maybe_flush(force=True)
     finally:

@@ -72,15 +72,7 @@ class Sender:
 
         async def run() -> None:
             try:
-                payload = body() if callable(body) else body
-                try:
-                    outcome: Answer | httpx.TransportError = await send(
-                        self.transport, self.pacer, path, payload, items=items, retry=self.retry, ahead=ahead)
-                except httpx.TransportError as exc:
-                    outcome = exc
-                result = on_answer(outcome)
-                if result is not None:
-                    await result
+                await self.call(path, body, items, on_answer, ahead=ahead)
             except BaseException as exc:  # noqa: BLE001 - re-raised from submit/drain
                 self._failure = self._failure or exc
             finally:
@@ -89,6 +81,25 @@ class Sender:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def call(self, path: str, body: bytes | Callable[[], bytes], items: int,
+                   on_answer: Callable[[Answer | httpx.TransportError], Awaitable[None] | None],
+                   *, ahead: bool = False) -> None:
+        """Send one request in the caller's task and hand its answer on.
+
+        An answer's follow-ups (the inputs of a refused request, one by one) go this way:
+        they take no room of their own, so a callback never waits for room that queued
+        requests hold while those wait for callbacks to finish.
+        """
+        payload = body() if callable(body) else body
+        try:
+            outcome: Answer | httpx.TransportError = await send(
+                self.transport, self.pacer, path, payload, items=items, retry=self.retry, ahead=ahead)
+        except httpx.TransportError as exc:
+            outcome = exc
+        result = on_answer(outcome)
+        if result is not None:
+            await result
 
     async def drain(self) -> None:
         """Wait for every queued request; re-raise the first failure of a callback."""
