@@ -144,10 +144,7 @@ class _Job:
         self.refused(request, status, outcome.content if isinstance(outcome, Answer) else str(outcome).encode())
 
     def refused(self, request: _Request, status: int | str, content: bytes) -> None:
-        try:
-            error: Any = orjson.loads(content).get("error", content.decode("utf-8", "replace"))
-        except (orjson.JSONDecodeError, AttributeError):
-            error = content[:2000].decode("utf-8", "replace")
+        error = _error_of(content)
         if self.errors is None:
             self.errors = JsonlAppender(str(self.output) + ".errors.jsonl")
         for row in request.rows:
@@ -197,13 +194,18 @@ class JobRefused(ValueError):
     """The service refuses what every request of the job asks (an option, not an input)."""
 
 
+def _error_of(content: bytes) -> Any:
+    """The ``error`` object of a refusal, or its text when the body is not the service's JSON."""
+    try:
+        return orjson.loads(content).get("error", content.decode("utf-8", "replace"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return content[:2000].decode("utf-8", "replace")
+
+
 def _refuse_job_wide(answer: Answer) -> None:
     """Stop the job on a 4xx that names a request field other than ``input``: the job's own
     options (``--dimensions``, ``--task``, the model) are wrong, and every request would get it."""
-    try:
-        error = orjson.loads(answer.content).get("error") or {}
-    except (orjson.JSONDecodeError, AttributeError):
-        return
+    error = _error_of(answer.content)
     param = error.get("param") if isinstance(error, dict) else None
     if isinstance(param, str) and param and not param.startswith("input") and answer.status not in (401, 403):
         raise JobRefused(f"the service refuses this job's {param}: {error.get('message')} (nothing more is sent; "
